@@ -1,0 +1,6 @@
+//! Emulated devices and the buses they sit on.
+
+pub mod bus;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice};
