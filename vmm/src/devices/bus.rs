@@ -39,8 +39,16 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::InvalidRange { base, len })?;
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::InvalidRange { base, len })?;
         let overlaps = self
             .devices
             .keys()
@@ -55,7 +63,12 @@ impl Bus {
     fn resolve(&self, addr: u64, size: usize) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (range, dev) = self
             .devices
-            .range(..=Range { base: addr, len: u64::MAX })
+            .range(
+                ..=Range {
+                    base: addr,
+                    len: u64::MAX,
+                },
+            )
             .next_back()?;
         let offset = addr - range.base;
         // The whole access must fall inside the device's range.
@@ -110,7 +123,10 @@ mod tests {
     }
 
     fn recorder(fill: u8) -> Arc<Mutex<Recorder>> {
-        Arc::new(Mutex::new(Recorder { last_write: None, fill }))
+        Arc::new(Mutex::new(Recorder {
+            last_write: None,
+            fill,
+        }))
     }
 
     #[test]
@@ -135,7 +151,10 @@ mod tests {
         bus.insert(recorder(0), 0x1000, 0x10).unwrap();
         let mut data = [0xaau8; 4];
         assert!(!bus.read(0xfff, &mut data));
-        assert!(!bus.read(0x100e, &mut data), "access straddling the end of a device");
+        assert!(
+            !bus.read(0x100e, &mut data),
+            "access straddling the end of a device"
+        );
         assert!(!bus.write(0x1010, &[0]));
         assert_eq!(data, [0xaa; 4]);
     }
@@ -144,12 +163,33 @@ mod tests {
     fn overlapping_and_empty_ranges_are_rejected() {
         let mut bus = Bus::new();
         bus.insert(recorder(0), 0x1000, 0x10).unwrap();
-        assert_eq!(bus.insert(recorder(0), 0x100f, 1), Err(Error::Overlap { base: 0x100f, len: 1 }));
-        assert_eq!(bus.insert(recorder(0), 0xff0, 0x11), Err(Error::Overlap { base: 0xff0, len: 0x11 }));
-        assert_eq!(bus.insert(recorder(0), 0x2000, 0), Err(Error::InvalidRange { base: 0x2000, len: 0 }));
+        assert_eq!(
+            bus.insert(recorder(0), 0x100f, 1),
+            Err(Error::Overlap {
+                base: 0x100f,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(recorder(0), 0xff0, 0x11),
+            Err(Error::Overlap {
+                base: 0xff0,
+                len: 0x11
+            })
+        );
+        assert_eq!(
+            bus.insert(recorder(0), 0x2000, 0),
+            Err(Error::InvalidRange {
+                base: 0x2000,
+                len: 0
+            })
+        );
         assert_eq!(
             bus.insert(recorder(0), u64::MAX, 2),
-            Err(Error::InvalidRange { base: u64::MAX, len: 2 })
+            Err(Error::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         bus.insert(recorder(0), 0x1010, 0x10).unwrap();
     }
