@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds a Berth kernel from Debian's linux-source-6.1 package and prints the directory holding
+# `vmlinux` (PVH ELF), `bzImage` and `config`.
+#
+#   kernel-config/build-kernel.sh guest       # the guest kernel (guest.config over tinyconfig)
+#   kernel-config/build-kernel.sh test-host   # the nested rig's test host (guest + test-host.config)
+#
+# Results are cached under $BERTH_CACHE/kernel (default ~/.cache/berth/kernel), keyed by a hash of
+# this script, the fragments and the source package version; a cached build is reused at once.
+# Build output goes to stderr so that stdout is only the directory.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+flavor=${1:-}
+case "$flavor" in
+  guest) fragments=("$here/guest.config") ;;
+  test-host) fragments=("$here/guest.config" "$here/test-host.config") ;;
+  *) echo "usage: $0 guest|test-host" >&2; exit 2 ;;
+esac
+
+cache=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
+tarball=/usr/src/linux-source-6.1.tar.xz
+if [ ! -f "$tarball" ]; then
+  echo "build-kernel: $tarball is missing: apt-get install linux-source-6.1 (tests/setup.sh does)" >&2
+  exit 1
+fi
+version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+key=$( { echo "$version"; cat "${BASH_SOURCE[0]}" "$here/docker-flags.txt" "${fragments[@]}"; } | sha256sum | cut -c1-16)
+out="$cache/kernel/$flavor-$key"
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+  echo "$out"
+  exit 0
+fi
+
+log() { echo "build-kernel: $*" >&2; }
+src="$cache/kernel/src-$version"
+if [ ! -f "$src/.extracted" ]; then
+  log "extracting linux-source $version"
+  rm -rf "$src" && mkdir -p "$src"
+  tar -xJf "$tarball" -C "$src" --strip-components=1
+  touch "$src/.extracted"
+fi
+
+obj="$cache/kernel/obj-$flavor"
+mkdir -p "$obj"
+log "configuring $flavor ($key)"
+make -s -C "$src" O="$obj" tinyconfig >&2
+"$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "${fragments[@]}" >/dev/null
+make -s -C "$src" O="$obj" olddefconfig >&2
+
+# Every option a fragment sets must have survived olddefconfig: a dropped one means a missing
+# dependency, and a kernel silently without it is worse than a failed build.
+missing=()
+for frag in "${fragments[@]}"; do
+  while IFS= read -r line; do
+    case "$line" in
+      CONFIG_*=*) grep -qxF "$line" "$obj/.config" || missing+=("$line (have: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo unset))") ;;
+      "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *}; grep -qx "$opt=y" "$obj/.config" && missing+=("$line (have: $opt=y)") ;;
+    esac
+  done < "$frag"
+done
+while read -r flag; do
+  grep -qx "CONFIG_$flag=y" "$obj/.config" || missing+=("CONFIG_$flag=y (docker-flags.txt)")
+done < <(grep -v '^#' "$here/docker-flags.txt" | tr ' ' '\n' | grep .)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "these options did not make it into the $flavor config:"
+  printf '  %s\n' "${missing[@]}" >&2
+  exit 1
+fi
+
+log "building $flavor kernel with $(nproc) jobs (a few minutes)"
+make -s -C "$src" O="$obj" -j"$(nproc)" vmlinux bzImage >&2
+tmp="$out.tmp.$$"
+rm -rf "$tmp" && mkdir -p "$tmp"
+cp "$obj/vmlinux" "$tmp/vmlinux"
+cp "$obj/arch/x86/boot/bzImage" "$tmp/bzImage"
+cp "$obj/.config" "$tmp/config"
+rm -rf "$out" && mv "$tmp" "$out"
+log "built $out ($(du -h "$out/bzImage" | cut -f1) bzImage)"
+echo "$out"
