@@ -1,0 +1,7 @@
+//! virtio-vsock: stream sockets between guest and host, exposed on the host as unix sockets.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+pub use muxer::Muxer;

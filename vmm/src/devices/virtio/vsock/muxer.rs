@@ -1,0 +1,746 @@
+//! The host side of the vsock device, in Firecracker's "hybrid vsock" convention: the host
+//! connects to one unix socket and writes `CONNECT <port>\n` to reach guest port `port` (the
+//! answer is `OK <host port>\n`); a guest connection to host port P is delivered to the unix
+//! socket `<path>_P`. The muxer owns every connection, polls their sockets on an epoll of its
+//! own (nested in the device worker's), and turns guest packets into socket I/O and back.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vm_memory::VolatileSlice;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{read_connect_line, Connection, Pending, State};
+use super::packet::{Header, Op, HOST_CID, VSOCK_TYPE_STREAM};
+
+/// At most this many connections at once; more are refused with a reset.
+pub const MAX_CONNECTIONS: usize = 4096;
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} exists and is not a socket: refusing to replace it")]
+    PathNotSocket(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("creating the vsock epoll failed: {0}")]
+    Epoll(std::io::Error),
+}
+
+/// (host port, guest port)
+type Key = (u32, u32);
+
+enum FdOwner {
+    Listener,
+    /// A host client that has not finished its `CONNECT` line.
+    Connecting,
+    Conn(Key),
+}
+
+pub struct Muxer {
+    guest_cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    fds: HashMap<RawFd, FdOwner>,
+    connecting: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    conns: HashMap<Key, Connection>,
+    local_ports: HashSet<u32>,
+    next_local_port: u32,
+    /// Connections with something for the guest, served round robin.
+    rx_order: VecDeque<Key>,
+    rx_queued: HashSet<Key>,
+    /// Resets for guest packets that match no connection.
+    resets: VecDeque<Header>,
+}
+
+fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A socket left by an earlier run: ours to replace.
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => return Err(Error::PathNotSocket(path.into())),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| Error::Listen {
+        path: path.into(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Listen {
+            path: path.into(),
+            source,
+        })?;
+    Ok(listener)
+}
+
+impl Muxer {
+    pub fn new(guest_cid: u64, path: &Path) -> Result<Self, Error> {
+        let listener = bind_listener(path)?;
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let mut muxer = Muxer {
+            guest_cid,
+            path: path.into(),
+            listener,
+            epoll,
+            fds: HashMap::new(),
+            connecting: HashMap::new(),
+            conns: HashMap::new(),
+            local_ports: HashSet::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            rx_order: VecDeque::new(),
+            rx_queued: HashSet::new(),
+            resets: VecDeque::new(),
+        };
+        let fd = muxer.listener.as_raw_fd();
+        muxer.watch(fd, EventSet::IN).map_err(Error::Epoll)?;
+        muxer.fds.insert(fd, FdOwner::Listener);
+        Ok(muxer)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn watch(&self, fd: RawFd, events: EventSet) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, fd as u64),
+        )
+    }
+
+    fn watch_stream(&self, fd: RawFd) -> std::io::Result<()> {
+        self.watch(
+            fd,
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+        )
+    }
+
+    fn queue_rx(&mut self, key: Key) {
+        if self.rx_queued.insert(key) {
+            self.rx_order.push_back(key);
+        }
+    }
+
+    /// True while something waits to be sent to the guest.
+    pub fn has_rx(&self) -> bool {
+        !self.resets.is_empty() || !self.rx_order.is_empty()
+    }
+
+    /// Handles whatever the host sockets have signalled, without blocking.
+    pub fn process_host_events(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock epoll failed: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                self.handle_host_event(event.data() as RawFd, event.event_set());
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn handle_host_event(&mut self, fd: RawFd, set: EventSet) {
+        match self.fds.get(&fd) {
+            Some(FdOwner::Listener) => self.accept_host_connections(),
+            Some(FdOwner::Connecting) => self.read_connect(fd),
+            Some(FdOwner::Conn(key)) => {
+                let key = *key;
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                if set.intersects(
+                    EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+                ) {
+                    conn.host_readable = true;
+                }
+                if set.contains(EventSet::OUT) && conn.wants_writable {
+                    if let Err(e) = conn.flush_to_host() {
+                        tracing::debug!("vsock {key:?}: {e}");
+                        conn.close_with_reset();
+                    }
+                }
+                if conn.has_rx() {
+                    self.queue_rx(key);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn accept_host_connections(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    if self.watch_stream(fd).is_ok() {
+                        self.fds.insert(fd, FdOwner::Connecting);
+                        self.connecting.insert(fd, (stream, Vec::new()));
+                        // The CONNECT line may already be there: edge-triggered needs a first read.
+                        self.read_connect(fd);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock accept on {} failed: {e}", self.path.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_connect(&mut self, fd: RawFd) {
+        let Some((stream, buf)) = self.connecting.get_mut(&fd) else {
+            return;
+        };
+        let port = match read_connect_line(stream, buf) {
+            Ok(None) => return,
+            Ok(Some(port)) => Some(port),
+            Err(e) => {
+                tracing::debug!("vsock host connection dropped: {e}");
+                None
+            }
+        };
+        let Some((stream, _)) = self.connecting.remove(&fd) else {
+            return;
+        };
+        self.fds.remove(&fd);
+        let Some(peer_port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            return; // dropping the stream closes it
+        };
+        let local_port = self.allocate_local_port();
+        let mut conn = Connection::new_local(stream, local_port, peer_port);
+        conn.host_readable = true;
+        let key = (local_port, peer_port);
+        self.fds.insert(fd, FdOwner::Conn(key));
+        self.conns.insert(key, conn);
+        self.queue_rx(key);
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            if self.local_ports.insert(port) {
+                return port;
+            }
+        }
+    }
+
+    fn reset_reply(&mut self, hdr: &Header) {
+        if hdr.op == Op::Rst as u16 {
+            return;
+        }
+        self.resets.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            type_: VSOCK_TYPE_STREAM,
+            op: Op::Rst as u16,
+            ..Default::default()
+        });
+    }
+
+    fn remove(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.fds.remove(&conn.stream.as_raw_fd());
+            self.local_ports.remove(&key.0);
+        }
+    }
+
+    /// A packet the guest sent (TX queue); `data` is its payload in guest memory.
+    pub fn send_pkt(&mut self, hdr: &Header, data: Option<&VolatileSlice<'_>>) {
+        if hdr.type_ != VSOCK_TYPE_STREAM
+            || hdr.src_cid != self.guest_cid
+            || hdr.dst_cid != HOST_CID
+        {
+            tracing::debug!("vsock: refusing packet {hdr:?}");
+            return self.reset_reply(hdr);
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        let op = Op::from_u16(hdr.op);
+        if !self.conns.contains_key(&key) {
+            return match op {
+                Some(Op::Request) => self.connect_to_host(hdr),
+                _ => self.reset_reply(hdr),
+            };
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        conn.update_peer_credit(hdr);
+        match op {
+            Some(Op::Response) if conn.state == State::LocalInit => {
+                if conn.on_response(true).is_err() {
+                    conn.close_with_reset();
+                }
+            }
+            Some(Op::Rw) if conn.state == State::Established => {
+                let result = match data {
+                    Some(data) => conn.send_to_host(data),
+                    None => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::debug!("vsock {key:?}: {e}");
+                    conn.close_with_reset();
+                }
+            }
+            Some(Op::CreditUpdate) => {}
+            Some(Op::CreditRequest) => conn.push_pending(Pending::CreditUpdate),
+            Some(Op::Shutdown) => conn.on_peer_shutdown(hdr.flags),
+            Some(Op::Rst) => return self.remove(key),
+            // A request for a live connection, data before the handshake, or an unknown op.
+            _ => conn.close_with_reset(),
+        }
+        if conn.has_rx() {
+            self.queue_rx(key);
+        }
+    }
+
+    fn connect_to_host(&mut self, hdr: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return self.reset_reply(hdr);
+        }
+        let target = PathBuf::from(format!("{}_{}", self.path.display(), hdr.dst_port));
+        let stream =
+            match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(
+                        "vsock: guest port {} to {}: {e}",
+                        hdr.src_port,
+                        target.display()
+                    );
+                    return self.reset_reply(hdr);
+                }
+            };
+        let fd = stream.as_raw_fd();
+        if self.watch_stream(fd).is_err() {
+            return self.reset_reply(hdr);
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        let conn = Connection::new_peer(
+            stream,
+            hdr.dst_port,
+            hdr.src_port,
+            hdr.buf_alloc,
+            hdr.fwd_cnt,
+        );
+        self.fds.insert(fd, FdOwner::Conn(key));
+        self.conns.insert(key, conn);
+        self.queue_rx(key);
+    }
+
+    /// Fills the next packet for the guest into `hdr` and `data` (an RX buffer); false when
+    /// nothing is waiting.
+    pub fn recv_pkt(&mut self, hdr: &mut Header, data: Option<&VolatileSlice<'_>>) -> bool {
+        if let Some(reset) = self.resets.pop_front() {
+            *hdr = reset;
+            return true;
+        }
+        while let Some(key) = self.rx_order.pop_front() {
+            self.rx_queued.remove(&key);
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            *hdr = Header {
+                src_cid: HOST_CID,
+                dst_cid: self.guest_cid,
+                type_: VSOCK_TYPE_STREAM,
+                ..Default::default()
+            };
+            let sent = conn.recv_pkt(hdr, data);
+            let (again, done) = (conn.has_rx(), conn.is_done());
+            if done {
+                self.remove(key);
+            } else if again {
+                self.queue_rx(key);
+            }
+            if sent {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl AsRawFd for Muxer {
+    /// The muxer's epoll: readable when a host socket needs attention.
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::devices::virtio::vsock::connection::CONN_BUF_SIZE;
+    use crate::devices::virtio::vsock::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND};
+
+    const GUEST_CID: u64 = 3;
+
+    /// A stand-in for the guest driver: sends packets and collects what the muxer answers.
+    struct Guest {
+        muxer: Muxer,
+        dir: vmm_sys_util::tempdir::TempDir,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    }
+
+    impl Guest {
+        fn new() -> Guest {
+            let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vsock-test").unwrap();
+            let muxer = Muxer::new(GUEST_CID, &dir.as_path().join("v.sock")).unwrap();
+            Guest {
+                muxer,
+                dir,
+                buf_alloc: 1 << 20,
+                fwd_cnt: 0,
+            }
+        }
+
+        fn host_path(&self, port: u32) -> PathBuf {
+            self.dir.as_path().join(format!("v.sock_{port}"))
+        }
+
+        fn send(&mut self, op: Op, src_port: u32, dst_port: u32, flags: u32, data: &[u8]) {
+            let hdr = Header {
+                src_cid: GUEST_CID,
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                len: data.len() as u32,
+                type_: VSOCK_TYPE_STREAM,
+                op: op as u16,
+                flags,
+                buf_alloc: self.buf_alloc,
+                fwd_cnt: self.fwd_cnt,
+            };
+            let mut copy = data.to_vec();
+            let slice = VolatileSlice::from(copy.as_mut_slice());
+            self.muxer
+                .send_pkt(&hdr, if data.is_empty() { None } else { Some(&slice) });
+        }
+
+        /// The next packet for the guest, waiting up to 5 s for host sockets to deliver.
+        fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                self.muxer.process_host_events();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut hdr = Header::default();
+                let slice = VolatileSlice::from(buf.as_mut_slice());
+                if self.muxer.recv_pkt(&mut hdr, Some(&slice)) {
+                    buf.truncate(hdr.len as usize);
+                    return Some((hdr, buf));
+                }
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
+        fn recv_op(&mut self, op: Op) -> (Header, Vec<u8>) {
+            let (hdr, data) = self
+                .recv()
+                .unwrap_or_else(|| panic!("no packet while waiting for {op:?}"));
+            assert_eq!(Op::from_u16(hdr.op), Some(op), "{hdr:?}");
+            (hdr, data)
+        }
+    }
+
+    fn host_connect(guest: &mut Guest, port: u32) -> (UnixStream, u32) {
+        let mut host = UnixStream::connect(guest.muxer.path()).unwrap();
+        host.write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
+        let (req, _) = guest.recv_op(Op::Request);
+        assert_eq!(
+            (req.dst_port, req.dst_cid, req.src_cid),
+            (port, GUEST_CID, HOST_CID)
+        );
+        guest.send(Op::Response, port, req.src_port, 0, b"");
+        let mut line = [0u8; 64];
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = host.read(&mut line).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).unwrap(),
+            format!("OK {}\n", req.src_port)
+        );
+        (host, req.src_port)
+    }
+
+    #[test]
+    fn host_connect_handshake_and_data_both_ways() {
+        let mut guest = Guest::new();
+        let (mut host, local) = host_connect(&mut guest, 1024);
+        host.write_all(b"ping from host").unwrap();
+        let (hdr, data) = guest.recv_op(Op::Rw);
+        assert_eq!((hdr.src_port, hdr.dst_port), (local, 1024));
+        assert_eq!(data, b"ping from host");
+        guest.send(Op::Rw, 1024, local, 0, b"pong from guest");
+        let mut buf = [0u8; 15];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong from guest");
+    }
+
+    #[test]
+    fn guest_connects_to_a_host_listener() {
+        let mut guest = Guest::new();
+        let listener = UnixListener::bind(guest.host_path(2375)).unwrap();
+        guest.send(Op::Request, 5555, 2375, 0, b"");
+        let (resp, _) = guest.recv_op(Op::Response);
+        assert_eq!((resp.src_port, resp.dst_port), (2375, 5555));
+        let (mut host, _) = listener.accept().unwrap();
+        guest.send(Op::Rw, 5555, 2375, 0, b"GET /_ping");
+        let mut buf = [0u8; 10];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"GET /_ping");
+        host.write_all(b"OK").unwrap();
+        assert_eq!(guest.recv_op(Op::Rw).1, b"OK");
+    }
+
+    #[test]
+    fn nobody_listening_and_malformed_packets_get_resets() {
+        let mut guest = Guest::new();
+        guest.send(Op::Request, 1, 4242, 0, b"");
+        let (rst, _) = guest.recv_op(Op::Rst);
+        assert_eq!((rst.src_port, rst.dst_port), (4242, 1));
+        guest.send(Op::Rw, 1, 4242, 0, b"data for nobody");
+        guest.recv_op(Op::Rst);
+        let mut hdr = Header {
+            src_cid: 99,
+            dst_cid: HOST_CID,
+            type_: VSOCK_TYPE_STREAM,
+            op: Op::Request as u16,
+            ..Default::default()
+        };
+        guest.muxer.send_pkt(&hdr, None);
+        guest.recv_op(Op::Rst);
+        hdr.src_cid = GUEST_CID;
+        hdr.type_ = 2; // SEQPACKET: not offered
+        guest.muxer.send_pkt(&hdr, None);
+        guest.recv_op(Op::Rst);
+        hdr.type_ = VSOCK_TYPE_STREAM;
+        hdr.op = 99;
+        guest.muxer.send_pkt(&hdr, None);
+        guest.recv_op(Op::Rst);
+        // An RST for nothing is not answered.
+        guest.send(Op::Rst, 1, 4242, 0, b"");
+        assert!(guest.recv().is_none());
+        assert_eq!(guest.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn host_to_guest_data_respects_the_guests_credit() {
+        let mut guest = Guest::new();
+        guest.buf_alloc = 100;
+        let (mut host, local) = host_connect(&mut guest, 7);
+        host.write_all(&[7u8; 1000]).unwrap();
+        let (_, first) = guest.recv_op(Op::Rw);
+        assert_eq!(first.len(), 100, "exactly the credit");
+        assert!(
+            guest.recv().is_none(),
+            "no credit left: nothing more may be sent"
+        );
+        guest.fwd_cnt = 100;
+        guest.send(Op::CreditUpdate, 7, local, 0, b"");
+        let (_, second) = guest.recv_op(Op::Rw);
+        assert_eq!(second.len(), 100);
+    }
+
+    #[test]
+    fn a_slow_host_reader_buffers_and_credit_limits_the_guest() {
+        let mut guest = Guest::new();
+        let (mut host, local) = host_connect(&mut guest, 9);
+        // More than the socket buffer: the rest waits in the connection.
+        let chunk: Vec<u8> = (0..CONN_BUF_SIZE).map(|i| (i % 251) as u8).collect();
+        for piece in chunk.chunks(32 * 1024) {
+            guest.send(Op::Rw, 9, local, 0, piece);
+        }
+        // The guest may not exceed the credit it was given: that resets the connection.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 8192];
+            while got.len() < CONN_BUF_SIZE as usize {
+                let n = host.read(&mut buf).unwrap();
+                assert!(n > 0, "early EOF after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut credit_updates = 0;
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "host reader starved");
+            if let Some((hdr, _)) = guest.recv() {
+                if hdr.op == Op::CreditUpdate as u16 {
+                    credit_updates += 1;
+                }
+            }
+        }
+        assert_eq!(
+            reader.join().unwrap(),
+            chunk,
+            "bytes arrive complete and in order"
+        );
+        assert!(
+            credit_updates > 0,
+            "the guest must hear that its data was consumed"
+        );
+    }
+
+    #[test]
+    fn sending_beyond_the_credit_resets_the_connection() {
+        let mut guest = Guest::new();
+        let (host, local) = host_connect(&mut guest, 10);
+        let big = vec![1u8; 64 * 1024];
+        for _ in 0..(CONN_BUF_SIZE as usize / big.len() + 8) {
+            guest.send(Op::Rw, 10, local, 0, &big);
+        }
+        // Nobody reads `host`: the overrun must end in an RST, not unbounded memory.
+        let mut saw_reset = false;
+        while let Some((hdr, _)) = guest.recv() {
+            if hdr.op == Op::Rst as u16 {
+                saw_reset = true;
+                break;
+            }
+        }
+        assert!(saw_reset);
+        drop(host);
+    }
+
+    #[test]
+    fn shutdowns_propagate_in_each_direction() {
+        let mut guest = Guest::new();
+        let (mut host, local) = host_connect(&mut guest, 11);
+        guest.send(Op::Rw, 11, local, 0, b"last words");
+        guest.send(Op::Shutdown, 11, local, SHUTDOWN_SEND, b"");
+        let mut all = Vec::new();
+        host.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"last words", "the host reads the data, then EOF");
+        // The host can still answer, then closes: the guest is told, then reset.
+        host.write_all(b"reply").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(guest.recv_op(Op::Rw).1, b"reply");
+        let (shut, _) = guest.recv_op(Op::Shutdown);
+        assert_eq!(shut.flags & SHUTDOWN_SEND, SHUTDOWN_SEND);
+        guest.recv_op(Op::Rst);
+        assert_eq!(guest.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn guest_full_shutdown_closes_the_host_socket() {
+        let mut guest = Guest::new();
+        let (mut host, local) = host_connect(&mut guest, 12);
+        guest.send(Op::Shutdown, 12, local, SHUTDOWN_SEND | SHUTDOWN_RCV, b"");
+        guest.recv_op(Op::Rst);
+        let mut buf = [0u8; 4];
+        assert_eq!(host.read(&mut buf).unwrap(), 0);
+        assert_eq!(guest.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn hundreds_of_connections_keep_their_bytes_apart() {
+        let mut guest = Guest::new();
+        let mut hosts = Vec::new();
+        for i in 0..300u32 {
+            let (host, local) = host_connect(&mut guest, 20_000 + i);
+            hosts.push((host, local, 20_000 + i));
+        }
+        for (host, _, port) in hosts.iter_mut() {
+            host.write_all(format!("hello guest port {port}").as_bytes())
+                .unwrap();
+        }
+        let mut seen = HashSet::new();
+        while seen.len() < hosts.len() {
+            let (hdr, data) = guest.recv_op(Op::Rw);
+            assert_eq!(
+                data,
+                format!("hello guest port {}", hdr.dst_port).as_bytes()
+            );
+            assert!(seen.insert(hdr.dst_port));
+        }
+        for (_, local, port) in &hosts {
+            guest.send(
+                Op::Rw,
+                *port,
+                *local,
+                0,
+                format!("back to {local}").as_bytes(),
+            );
+        }
+        for (host, local, _) in hosts.iter_mut() {
+            let want = format!("back to {local}");
+            let mut buf = vec![0u8; want.len()];
+            host.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_bad_connect_line_closes_only_that_client() {
+        let mut guest = Guest::new();
+        let mut bad = UnixStream::connect(guest.muxer.path()).unwrap();
+        bad.write_all(b"HELLO there\n").unwrap();
+        guest.muxer.process_host_events();
+        let mut buf = [0u8; 4];
+        bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(bad.read(&mut buf).unwrap(), 0);
+        let (mut good, _) = host_connect(&mut guest, 13);
+        good.write_all(b"x").unwrap();
+        assert_eq!(guest.recv_op(Op::Rw).1, b"x");
+    }
+
+    #[test]
+    fn an_existing_non_socket_path_is_not_replaced() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vsock-test").unwrap();
+        let path = dir.as_path().join("precious");
+        std::fs::write(&path, b"user data").unwrap();
+        assert!(matches!(
+            Muxer::new(GUEST_CID, &path),
+            Err(Error::PathNotSocket(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"user data");
+    }
+}
