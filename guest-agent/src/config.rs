@@ -1,0 +1,310 @@
+//! The agent's configuration, read from the kernel command line (`/proc/cmdline`).
+//!
+//! Linux keeps dotted parameters such as `berth.data=/dev/vdb` out of init's argv and
+//! environment, so the agent reads the whole command line after mounting proc. Every key is
+//! optional. A PID 1 must not die on a typo: an unknown `berth.*` key or a bad value yields one
+//! warning and the default.
+
+use std::path::PathBuf;
+
+/// The command line as the kernel exposes it.
+pub const CMDLINE_PATH: &str = "/proc/cmdline";
+
+const KEY_HOSTNAME: &str = "berth.hostname";
+const KEY_DATA: &str = "berth.data";
+const KEY_ON_READY: &str = "berth.on_ready";
+
+/// Host name used when `berth.hostname` is absent or invalid.
+pub const DEFAULT_HOSTNAME: &str = "berth";
+/// Data disk used when `berth.data` is absent or invalid.
+pub const DEFAULT_DATA_DISK: &str = "/dev/vdb";
+/// Longest host name sethostname(2) accepts (`HOST_NAME_MAX`).
+const HOSTNAME_MAX: usize = 64;
+
+/// What the agent does once it has printed its readiness line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReady {
+    /// Stay up as PID 1 (the normal case).
+    Stay,
+    /// Shut down cleanly and power off (tests, boot benchmark).
+    PowerOff,
+    /// Shut down cleanly and reboot (tests).
+    Reboot,
+}
+
+/// Everything the command line configures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `berth.hostname`
+    pub hostname: String,
+    /// `berth.data`: the data disk's device, `None` for `berth.data=none`.
+    pub data_disk: Option<PathBuf>,
+    /// `berth.on_ready`
+    pub on_ready: OnReady,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: DEFAULT_HOSTNAME.to_string(),
+            data_disk: Some(PathBuf::from(DEFAULT_DATA_DISK)),
+            on_ready: OnReady::Stay,
+        }
+    }
+}
+
+/// A parsed command line: the configuration and one warning per key that was ignored.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Parses a kernel command line. Never fails: problems become `warnings`.
+    /// Non-`berth.` parameters are the kernel's business and are skipped silently; the
+    /// last occurrence of a key wins, as for kernel parameters.
+    pub fn parse(cmdline: &str) -> Parsed {
+        let mut config = Config::default();
+        let mut warnings = Vec::new();
+        for (key, value) in params(cmdline) {
+            if !key.starts_with("berth.") {
+                continue;
+            }
+            if let Err(warning) = config.apply(&key, value.as_deref()) {
+                warnings.push(warning);
+            }
+        }
+        Parsed { config, warnings }
+    }
+
+    /// Applies one `berth.*` parameter; on a bad value the field is reset to its default.
+    fn apply(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        let default = Config::default();
+        let shown = value.map_or_else(|| key.to_string(), |v| format!("{key}={v:?}"));
+        match key {
+            KEY_HOSTNAME => match value.filter(|v| is_valid_hostname(v)) {
+                Some(name) => self.hostname = name.to_string(),
+                None => {
+                    self.hostname = default.hostname;
+                    return Err(format!(
+                        "{shown}: not a host name (1-{HOSTNAME_MAX} letters, digits, '-', '.'); \
+                         using {DEFAULT_HOSTNAME:?}"
+                    ));
+                }
+            },
+            KEY_DATA => match value {
+                Some("none") => self.data_disk = None,
+                Some(path) if path.starts_with('/') && !path.contains("/../") => {
+                    self.data_disk = Some(PathBuf::from(path));
+                }
+                _ => {
+                    self.data_disk = default.data_disk;
+                    return Err(format!(
+                        "{shown}: expected a device path such as /dev/vdb or \"none\"; \
+                         using {DEFAULT_DATA_DISK}"
+                    ));
+                }
+            },
+            KEY_ON_READY => match value {
+                Some("none") => self.on_ready = OnReady::Stay,
+                Some("poweroff") => self.on_ready = OnReady::PowerOff,
+                Some("reboot") => self.on_ready = OnReady::Reboot,
+                _ => {
+                    self.on_ready = default.on_ready;
+                    return Err(format!(
+                        "{shown}: expected poweroff, reboot or none; using none"
+                    ));
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "unknown command-line key {key} (known: {KEY_HOSTNAME}, {KEY_DATA}, \
+                     {KEY_ON_READY}); ignored"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1123 host name (or a dotted FQDN) that fits `HOST_NAME_MAX`.
+fn is_valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= HOSTNAME_MAX
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Splits a command line into `(key, value)` pairs the way the kernel's `next_arg` does:
+/// whitespace separates parameters except inside double quotes, a quote around the whole
+/// parameter or around the value is removed, and `--` ends the kernel's part (what follows
+/// belongs to init's argv).
+fn params(cmdline: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for token in tokens(cmdline) {
+        if token == "--" {
+            break;
+        }
+        let token = strip_quotes(&token);
+        match token.split_once('=') {
+            Some((key, value)) => {
+                out.push((key.to_string(), Some(strip_quotes(value).to_string())))
+            }
+            None => out.push((token.to_string(), None)),
+        }
+    }
+    out
+}
+
+/// Whitespace-separated tokens; whitespace inside double quotes does not separate.
+fn tokens(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut in_quote = false;
+    for c in cmdline.chars() {
+        if c == '"' {
+            in_quote = !in_quote;
+        }
+        if c.is_whitespace() && !in_quote {
+            if !current.is_empty() {
+                out.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Removes one leading double quote and, if present, one trailing one.
+fn strip_quotes(s: &str) -> &str {
+    match s.strip_prefix('"') {
+        Some(inner) => inner.strip_suffix('"').unwrap_or(inner),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(cmdline: &str) -> Parsed {
+        Config::parse(cmdline)
+    }
+
+    #[test]
+    fn empty_command_line_gives_defaults() {
+        let p = parse("");
+        assert_eq!(p.config, Config::default());
+        assert_eq!(p.config.hostname, "berth");
+        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdb")));
+        assert_eq!(p.config.on_ready, OnReady::Stay);
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn typical_vmm_command_line() {
+        let p = parse(
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda ro \
+             virtio_mmio.device=4K@0xd0000000:5 berth.hostname=dev-box \
+             berth.data=/dev/vdc berth.on_ready=poweroff\n",
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.hostname, "dev-box");
+        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdc")));
+        assert_eq!(p.config.on_ready, OnReady::PowerOff);
+    }
+
+    #[test]
+    fn data_none_and_reboot() {
+        let p = parse("berth.data=none berth.on_ready=reboot");
+        assert!(p.warnings.is_empty());
+        assert_eq!(p.config.data_disk, None);
+        assert_eq!(p.config.on_ready, OnReady::Reboot);
+        assert_eq!(parse("berth.on_ready=none").config.on_ready, OnReady::Stay);
+    }
+
+    #[test]
+    fn quoted_values_are_unquoted_and_keep_spaces_together() {
+        let p = parse(r#"foo="a b c" berth.hostname="quoted" "berth.data=/dev/vdd" x"#);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.hostname, "quoted");
+        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdd")));
+        // A quoted value with a space is one parameter, and not a valid host name.
+        let p = parse(r#"berth.hostname="my host" berth.on_ready=poweroff"#);
+        assert_eq!(p.config.hostname, "berth");
+        assert_eq!(p.config.on_ready, OnReady::PowerOff);
+        assert_eq!(p.warnings.len(), 1);
+        assert!(
+            p.warnings[0].contains("berth.hostname=\"my host\""),
+            "{}",
+            p.warnings[0]
+        );
+    }
+
+    #[test]
+    fn parameters_after_double_dash_belong_to_init_argv() {
+        let p = parse("ro -- berth.hostname=ignored berth.bogus=1");
+        assert_eq!(p.config, Config::default());
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_berth_key_warns_once_and_changes_nothing() {
+        let p = parse("berth.hostnme=typo quiet berth.debug");
+        assert_eq!(p.config, Config::default());
+        assert_eq!(p.warnings.len(), 2);
+        assert!(p.warnings[0].contains("unknown command-line key berth.hostnme"));
+        assert!(p.warnings[1].contains("unknown command-line key berth.debug"));
+        // Other subsystems' keys are not ours to judge.
+        assert!(parse("agent.log=debug quiet loglevel=3")
+            .warnings
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_values_warn_and_fall_back_to_defaults() {
+        let p = parse("berth.on_ready=halt berth.data=vdb berth.hostname=-bad-");
+        assert_eq!(p.config, Config::default());
+        assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("expected poweroff, reboot or none"));
+        assert!(p.warnings[1].contains("/dev/vdb"));
+        assert!(p.warnings[2].contains("not a host name"));
+        // A key without a value is a bad value too.
+        let p = parse("berth.data berth.on_ready= berth.hostname=");
+        assert_eq!(p.config, Config::default());
+        assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn bad_value_after_good_one_resets_to_default() {
+        let p = parse("berth.on_ready=poweroff berth.on_ready=sometimes");
+        assert_eq!(p.config.on_ready, OnReady::Stay);
+        let p = parse("berth.on_ready=sometimes berth.on_ready=reboot");
+        assert_eq!(p.config.on_ready, OnReady::Reboot);
+        assert_eq!(p.warnings.len(), 1);
+    }
+
+    #[test]
+    fn hostname_rules() {
+        assert!(is_valid_hostname("berth"));
+        assert!(is_valid_hostname("a-1.example.com"));
+        assert!(is_valid_hostname(&"a".repeat(64)));
+        assert!(!is_valid_hostname(&"a".repeat(65)));
+        assert!(!is_valid_hostname(""));
+        assert!(!is_valid_hostname("a..b"));
+        assert!(!is_valid_hostname("under_score"));
+        assert!(!is_valid_hostname("trailing-"));
+        assert!(!is_valid_hostname("sp ace"));
+    }
+}
