@@ -1,0 +1,87 @@
+#!/bin/bash
+# PID 1 of the nested rig's test host (started by tests/rig/run-in-rig.sh; not for use elsewhere).
+#
+# The root filesystem is the build machine's, read-only over virtio-9p. This script mounts the
+# pseudo filesystems, tmpfs on the places programs write to, and the writable 9p shares at their
+# build-machine paths; then it runs the command from the scratch share with the caller's
+# environment and working directory, its output on the console, writes its exit status to the
+# scratch share and restarts the machine (reboot=t plus QEMU's -no-reboot: QEMU exits).
+#
+# PID 1 must never exit (the kernel would panic), so nothing here uses `set -e`: every failure is
+# turned into an exit status of 125 with one `rig:` line.
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+restart() {
+  sync
+  # reboot(2) with LINUX_REBOOT_CMD_RESTART; bash has no way to call it and /sbin/reboot here
+  # is systemctl, which wants systemd.
+  perl -e 'syscall(169, 0xfee1dead, 672274793, 0x01234567, 0)'
+  echo "rig: reboot(2) failed; halting" >&2
+  while :; do sleep 3600; done
+}
+
+fail() {
+  echo "rig: $*" >&2
+  [ -n "${scratch:-}" ] && [ -d "$scratch" ] && echo 125 > "$scratch/status"
+  restart
+}
+
+mnt() { mountpoint -q "${@: -1}" || mount "$@"; }
+
+mnt -t proc proc /proc
+mnt -t sysfs sysfs /sys
+mnt -t devtmpfs -o mode=0755 devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mnt -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
+mnt -t tmpfs -o mode=1777 tmpfs /dev/shm
+mnt -t tmpfs -o mode=0755 tmpfs /run
+mnt -t tmpfs -o mode=1777 tmpfs /tmp
+mnt -t tmpfs -o mode=1777 tmpfs /var/tmp
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+ip link set lo up 2>/dev/null
+
+# berth.rig_scratch=PATH and berth.rig_share.N=PATH name the writable shares by their host paths.
+scratch=
+msize=
+shares=()
+read -ra cmdline < /proc/cmdline
+for arg in "${cmdline[@]}"; do
+  case "$arg" in
+    berth.rig_scratch=*) scratch=${arg#*=} ;;
+    berth.rig_share.*=*) shares+=("${arg#berth.rig_share.}") ;;
+    berth.rig_msize=*) msize=${arg#*=} ;;
+  esac
+done
+[ -n "$scratch" ] || fail "no berth.rig_scratch= on the kernel command line"
+for share in "berth-scratch=$scratch" "${shares[@]}"; do
+  tag=${share%%=*} path=${share#*=}
+  [ "$tag" = berth-scratch ] || tag=berth-share-$tag
+  # The mount point exists on the read-only root (the caller made it); if it is under a tmpfs
+  # mounted above, make it there.
+  [ -d "$path" ] || mkdir -p "$path" 2>/dev/null
+  mount -t 9p -o "trans=virtio,version=9p2000.L,msize=${msize:-262144},cache=none" "$tag" "$path" \
+    || fail "cannot mount the 9p share $tag on $path"
+done
+[ -f "$scratch/cmd" ] || fail "$scratch/cmd is missing: the scratch share is not what run-in-rig.sh wrote"
+
+if [ ! -c /dev/kvm ]; then
+  fail "/dev/kvm is missing in the test host: its kernel lacks KVM, or QEMU's -cpu has no SVM/VMX"
+fi
+
+# The caller's environment, then what differs in here.
+# shellcheck source=/dev/null
+. "$scratch/env"
+export BERTH_IN_RIG=1 BERTH_RIG_SCRATCH="$scratch" TMPDIR=/tmp HOSTNAME=berth-rig
+hostname berth-rig 2>/dev/null
+cd "$(cat "$scratch/cwd")" 2>/dev/null || cd /
+
+bash "$scratch/cmd" < /dev/null
+status=$?
+if [ "$status" != 0 ]; then
+  # The console shows only critical kernel messages (loglevel=3); on a failure show the rest.
+  dmesg --level=err,warn 2>/dev/null | grep -v -e 'RSDP' -e "support for 'kvm_intel'" \
+    -e 'no channels available for device root' | sed 's/^/rig: test host: /' >&2
+fi
+echo "$status" > "$scratch/status.tmp" && mv "$scratch/status.tmp" "$scratch/status"
+restart

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Runs a command inside the nested rig: a "test host" Linux with real KVM, booted by QEMU with
+# software emulation of an AMD CPU that has SVM. Needed where /dev/kvm cannot boot Linux guests
+# (kvm_pvm); on a machine with hardware KVM the tests run directly instead (tests/rig/detect.sh).
+#
+#   tests/rig/run-in-rig.sh [--memory MIB] [--cpus N] [--timeout S] [--share DIR]... -- COMMAND...
+#
+# The test host's root filesystem is this machine's, read-only over virtio-9p, so binaries,
+# kernels, images and tools are at the same paths inside. Writable inside: tmpfs on /tmp, /run,
+# /var/tmp, /dev/shm; a per-run scratch directory ($BERTH_RIG_SCRATCH, removed afterwards); and
+# each --share DIR, at its own path. The command runs with this environment and working
+# directory, BERTH_IN_RIG=1 and TMPDIR=/tmp; its output, and the test host's console, go to
+# stdout as they come.
+#
+# Exit status: the command's; 124 if the rig was killed after --timeout seconds; 125 if the test
+# host stopped without the command's status (it did not boot, or crashed) or the rig could not
+# start.
+#
+# Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
+# kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
+
+memory=${BERTH_RIG_MEMORY:-3072}
+cpus=${BERTH_RIG_CPUS:-2}
+timeout=${BERTH_RIG_TIMEOUT:-900}
+msize=${BERTH_RIG_MSIZE:-512000}
+shares=()
+
+die() { echo "run-in-rig: error: $*" >&2; exit 125; }
+usage() { sed -n '6p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2; exit 125; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --memory) memory=$2; shift 2 ;;
+    --cpus) cpus=$2; shift 2 ;;
+    --timeout) timeout=$2; shift 2 ;;
+    --share) shares+=("$(cd "$2" && pwd)") || die "--share $2: no such directory"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) usage ;;
+    *) usage ;;
+  esac
+done
+[ $# -gt 0 ] || usage
+
+qemu=qemu-system-x86_64
+if ! command -v "$qemu" >/dev/null; then
+  [ "$(id -u)" = 0 ] || die "$qemu is missing: apt-get install qemu-system-x86 (tests/setup.sh does)"
+  echo "run-in-rig: installing qemu-system-x86" >&2
+  { apt-get install -y -q qemu-system-x86 || { apt-get update -q && apt-get install -y -q qemu-system-x86; }; } >&2 \
+    || die "could not install qemu-system-x86"
+fi
+
+kernel=${BERTH_TEST_HOST_KERNEL:-}
+if [ -z "$kernel" ]; then
+  kernel=$("$repo/kernel-config/build-kernel.sh" test-host)/vmlinux || die "no test-host kernel"
+fi
+[ -f "$kernel" ] || die "test-host kernel $kernel not found"
+
+mkdir -p "$CACHE/rig"
+scratch=$(mktemp -d "$CACHE/rig/run-XXXXXX")
+qemu_pid=
+cleanup() {
+  [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true
+  [ "${BERTH_RIG_KEEP:-0}" = 1 ] || rm -rf "$scratch"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The command, environment and working directory, for rig-init.sh.
+printf '%q ' exec "$@" > "$scratch/cmd"
+echo >> "$scratch/cmd"
+while IFS= read -r name; do
+  case "$name" in
+    PWD|OLDPWD|SHLVL|_|SHELLOPTS|BASHOPTS|TMPDIR|HOSTNAME|TERM|TERMCAP|COLUMNS|LINES) continue ;;
+  esac
+  printf 'export %s=%q\n' "$name" "${!name}"
+done < <(compgen -e) > "$scratch/env"
+pwd > "$scratch/cwd"
+
+append="root=/dev/root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=$msize,cache=loose ro"
+append+=" init=$here/rig-init.sh console=ttyS0 reboot=t panic=-1 loglevel=3"
+append+=" berth.rig_scratch=$scratch berth.rig_msize=$msize"
+fs_args=(
+  -fsdev "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap"
+  -device virtio-9p-device,fsdev=root,mount_tag=/dev/root
+  -fsdev "local,id=scratch,path=$scratch,security_model=none,multidevs=remap"
+  -device virtio-9p-device,fsdev=scratch,mount_tag=berth-scratch
+)
+for i in "${!shares[@]}"; do
+  append+=" berth.rig_share.$i=${shares[$i]}"
+  fs_args+=(
+    -fsdev "local,id=share$i,path=${shares[$i]},security_model=none,multidevs=remap"
+    -device "virtio-9p-device,fsdev=share$i,mount_tag=berth-share-$i"
+  )
+done
+
+start=$(date +%s.%N)
+# stdin is /dev/null: the console is output only, and a terminal is never put in raw mode.
+"$qemu" -M microvm,accel=tcg,acpi=off -cpu max -m "$memory" -smp "$cpus" \
+  -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+  -kernel "$kernel" -append "$append" "${fs_args[@]}" < /dev/null &
+qemu_pid=$!
+
+timed_out=0
+deadline=$((SECONDS + timeout))
+while kill -0 "$qemu_pid" 2>/dev/null; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    timed_out=1
+    kill "$qemu_pid" 2>/dev/null || true
+    sleep 2
+    kill -9 "$qemu_pid" 2>/dev/null || true
+    break
+  fi
+  sleep 0.5
+done
+qemu_status=0
+wait "$qemu_pid" || qemu_status=$?
+qemu_pid=
+elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+
+if [ "$timed_out" = 1 ]; then
+  echo "run-in-rig: timed out after ${timeout}s; the test host was killed" >&2
+  exit 124
+fi
+if [ ! -f "$scratch/status" ]; then
+  die "the test host stopped without an exit status from the command (QEMU status $qemu_status, ${elapsed}s): it did not boot or it crashed; see its console above"
+fi
+status=$(cat "$scratch/status")
+echo "run-in-rig: command exited with status $status (rig ${elapsed}s)" >&2
+exit "$status"
