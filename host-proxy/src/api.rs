@@ -1,0 +1,242 @@
+//! The Docker API socket (`run/docker.sock`): every client connection is spliced byte for byte
+//! to dockerd's socket in the guest (vsock port 2375), so HTTP upgrades (attach, exec, build)
+//! and streams (logs, events) work unchanged. When the guest cannot be reached the client gets
+//! a well-formed `503` with a JSON `message`, never a hang.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_protocol::DOCKER_API_PORT;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::hybrid::{self, ConnectError};
+
+/// Buffer per direction of a splice.
+const SPLICE_BUF: usize = 64 * 1024;
+/// How long a client that gets a 503 has to send its request head.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} exists and is not a socket: refusing to replace it")]
+    NotSocket(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where client connections go.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    /// The VMM's hybrid vsock socket.
+    pub vsock: PathBuf,
+    /// How long the guest may take to accept a connection before the client gets a 503.
+    pub connect_timeout: Duration,
+}
+
+/// The listening Docker socket; removed on drop unless another process has replaced it.
+#[derive(Debug)]
+pub struct ApiSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl ApiSocket {
+    /// Listens on `path`, owner-only (0600). The socket is bound under a temporary name and
+    /// renamed over `path`, so clients never see a socket with looser permissions and a stale
+    /// one is replaced in one step.
+    pub fn bind(path: &Path) -> Result<Self, Error> {
+        let listen = |source| Error::Listen {
+            path: path.into(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => return Err(Error::NotSocket(path.into())),
+            _ => {}
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let std_listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(listen)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| std::fs::symlink_metadata(path));
+        let meta = match placed {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(listen(e));
+            }
+        };
+        std_listener.set_nonblocking(true).map_err(listen)?;
+        let listener = UnixListener::from_std(std_listener).map_err(listen)?;
+        Ok(ApiSocket {
+            listener,
+            path: path.into(),
+            ino: meta.ino(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts clients forever, each served on its own task.
+    pub async fn serve(&self, forwarder: Arc<Forwarder>) {
+        loop {
+            match self.listener.accept().await {
+                Ok((client, _)) => {
+                    let forwarder = forwarder.clone();
+                    tokio::spawn(async move { forward(client, &forwarder).await });
+                }
+                Err(e) => {
+                    // Out of descriptors, most likely: back off instead of spinning.
+                    tracing::warn!("accept on {}: {e}", self.path.display());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves one client: splices it to dockerd, or answers 503.
+pub async fn forward(mut client: UnixStream, forwarder: &Forwarder) {
+    match hybrid::connect(&forwarder.vsock, DOCKER_API_PORT, forwarder.connect_timeout).await {
+        Ok(mut guest) => {
+            match tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut guest,
+                SPLICE_BUF,
+                SPLICE_BUF,
+            )
+            .await
+            {
+                Ok((up, down)) => {
+                    tracing::debug!("docker connection done: {up} B up, {down} B down")
+                }
+                Err(e) => tracing::debug!("docker connection ended: {e}"),
+            }
+        }
+        Err(e) => {
+            tracing::info!("docker client answered 503: {e}");
+            answer_unavailable(client, &e).await;
+        }
+    }
+}
+
+/// The message a Docker client shows ("Error response from daemon: ...").
+pub fn unavailable_message(err: &ConnectError) -> String {
+    if err.vmm_down() {
+        "the Berth VM is not running: start it with `berth start`".into()
+    } else {
+        format!(
+            "the Berth VM is starting or dockerd in it is not ready yet ({err}); \
+             try again in a few seconds, or see `berth logs`"
+        )
+    }
+}
+
+/// A complete HTTP/1.1 503 response carrying `{"message": ...}` (no body for `HEAD`).
+pub fn unavailable_response(message: &str, head_request: bool) -> Vec<u8> {
+    let body = serde_json::json!({ "message": message }).to_string();
+    let mut response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\n\
+         Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         \r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_request {
+        response.extend_from_slice(body.as_bytes());
+    }
+    response
+}
+
+async fn answer_unavailable(mut client: UnixStream, err: &ConnectError) {
+    // Read the request first: answering before it arrives, then closing with it unread, makes
+    // the kernel reset the client's side and it may never see the answer.
+    let head = read_request_head(&mut client).await;
+    let response = unavailable_response(&unavailable_message(err), head.starts_with(b"HEAD "));
+    if client.write_all(&response).await.is_err() {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, drain).await;
+}
+
+async fn read_request_head(client: &mut UnixStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while head.len() < MAX_REQUEST_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, read).await;
+    head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_503_is_well_formed_http_with_a_json_message() {
+        let response = unavailable_response("the Berth VM is not running", false);
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["message"], "the Berth VM is not running");
+        let head_only = unavailable_response("x", true);
+        assert!(head_only.ends_with(b"\r\n\r\n"));
+    }
+
+    #[test]
+    fn the_socket_is_owner_only_replaces_a_stale_one_and_spares_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docker.sock");
+        let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(stale);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let socket = ApiSocket::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(socket);
+        assert!(!path.exists(), "the socket is removed on drop");
+
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"precious").unwrap();
+        assert!(matches!(ApiSocket::bind(&file), Err(Error::NotSocket(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    }
+}
