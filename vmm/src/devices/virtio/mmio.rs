@@ -1,0 +1,489 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 section 4.2.2): the register file a driver
+//! programs, the device status state machine, and activation of the device behind it.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{feature, features, status, Interrupt, VirtioDevice};
+use crate::devices::bus::BusDevice;
+use crate::memory::GuestMemory;
+
+/// The size of one device's MMIO window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// "virt" in little endian.
+pub const MAGIC_VALUE: u32 = 0x7472_6976;
+/// The modern (virtio 1.x) register layout.
+pub const MMIO_VERSION: u32 = 2;
+/// "BRTH" in little endian.
+pub const VENDOR_ID: u32 = 0x4854_5242;
+
+/// Register offsets (virtio 1.2 section 4.2.2).
+pub const MAGIC_VALUE_OFFSET: u64 = 0x00;
+pub const VERSION_OFFSET: u64 = 0x04;
+pub const DEVICE_ID_OFFSET: u64 = 0x08;
+pub const VENDOR_ID_OFFSET: u64 = 0x0c;
+pub const DEVICE_FEATURES_OFFSET: u64 = 0x10;
+pub const DEVICE_FEATURES_SEL_OFFSET: u64 = 0x14;
+pub const DRIVER_FEATURES_OFFSET: u64 = 0x20;
+pub const DRIVER_FEATURES_SEL_OFFSET: u64 = 0x24;
+pub const QUEUE_SEL_OFFSET: u64 = 0x30;
+pub const QUEUE_NUM_MAX_OFFSET: u64 = 0x34;
+pub const QUEUE_NUM_OFFSET: u64 = 0x38;
+pub const QUEUE_READY_OFFSET: u64 = 0x44;
+/// Where the VMM registers each queue's ioeventfd, with the queue index as datamatch.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+pub const INTERRUPT_STATUS_OFFSET: u64 = 0x60;
+pub const INTERRUPT_ACK_OFFSET: u64 = 0x64;
+pub const STATUS_OFFSET: u64 = 0x70;
+pub const QUEUE_DESC_LOW_OFFSET: u64 = 0x80;
+pub const QUEUE_DESC_HIGH_OFFSET: u64 = 0x84;
+pub const QUEUE_DRIVER_LOW_OFFSET: u64 = 0x90;
+pub const QUEUE_DRIVER_HIGH_OFFSET: u64 = 0x94;
+pub const QUEUE_DEVICE_LOW_OFFSET: u64 = 0xa0;
+pub const QUEUE_DEVICE_HIGH_OFFSET: u64 = 0xa4;
+pub const CONFIG_GENERATION_OFFSET: u64 = 0xfc;
+pub const CONFIG_OFFSET: u64 = 0x100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating queue {index} failed: {source}")]
+    CreateQueue {
+        index: usize,
+        source: virtio_queue::Error,
+    },
+    #[error("creating the notification eventfd of queue {index} failed: {source}")]
+    CreateNotifyEvent { index: usize, source: io::Error },
+}
+
+/// Which half of a 64-bit queue address a register holds.
+#[derive(Clone, Copy)]
+enum Half {
+    Low,
+    High,
+}
+
+/// Which ring address a register sets.
+#[derive(Clone, Copy)]
+enum Ring {
+    Desc,
+    Driver,
+    Device,
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    mem: GuestMemory,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<Interrupt>,
+    /// The queues as the driver configures them; copies go to the device on activation.
+    queues: Vec<Queue>,
+    notify_events: Vec<EventFd>,
+    device_status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    driver_features_beyond_64: bool,
+    queue_sel: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a transport whose interrupt is raised through `irq`.
+    pub fn new(
+        mem: GuestMemory,
+        device: Box<dyn VirtioDevice>,
+        irq: EventFd,
+    ) -> Result<Self, Error> {
+        let mut queues = Vec::new();
+        let mut notify_events = Vec::new();
+        for (index, &max) in device.queue_max_sizes().iter().enumerate() {
+            queues.push(Queue::new(max).map_err(|source| Error::CreateQueue { index, source })?);
+            notify_events.push(
+                EventFd::new(EFD_NONBLOCK)
+                    .map_err(|source| Error::CreateNotifyEvent { index, source })?,
+            );
+        }
+        Ok(Self {
+            mem,
+            device,
+            interrupt: Arc::new(Interrupt::new(irq)),
+            queues,
+            notify_events,
+            device_status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            driver_features_beyond_64: false,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+        })
+    }
+
+    /// One eventfd per queue, written when the driver notifies that queue. The VMM registers
+    /// them as ioeventfds at `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch.
+    pub fn queue_notify_events(&self) -> &[EventFd] {
+        &self.notify_events
+    }
+
+    /// The interrupt shared with the device.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The device status register.
+    pub fn device_status(&self) -> u32 {
+        self.device_status
+    }
+
+    fn has_status(&self, bits: u32) -> bool {
+        self.device_status & bits == bits
+    }
+
+    /// The driver may negotiate features between DRIVER and FEATURES_OK.
+    fn features_writable(&self) -> bool {
+        self.has_status(status::DRIVER) && !self.has_status(status::FEATURES_OK)
+    }
+
+    /// The driver may configure queues between FEATURES_OK and DRIVER_OK.
+    fn queues_writable(&self) -> bool {
+        self.has_status(status::FEATURES_OK) && !self.has_status(status::DRIVER_OK)
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    /// The selected queue, if the driver may change it now.
+    fn configurable_queue(&mut self) -> Option<&mut Queue> {
+        if !self.queues_writable() {
+            warn_rate_limited!("virtio-mmio: queue register written outside queue setup");
+            return None;
+        }
+        let queue = self.queues.get_mut(self.queue_sel as usize)?;
+        (!queue.ready()).then_some(queue)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let features_page = |features: u64, sel: u32| match sel {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        };
+        match offset {
+            MAGIC_VALUE_OFFSET => MAGIC_VALUE,
+            VERSION_OFFSET => MMIO_VERSION,
+            DEVICE_ID_OFFSET => self.device.device_type(),
+            VENDOR_ID_OFFSET => VENDOR_ID,
+            DEVICE_FEATURES_OFFSET => {
+                features_page(self.device.avail_features(), self.device_features_sel)
+            }
+            QUEUE_NUM_MAX_OFFSET => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            QUEUE_NUM_OFFSET => self.selected_queue().map_or(0, |q| q.size().into()),
+            QUEUE_READY_OFFSET => self.selected_queue().map_or(0, |q| q.ready().into()),
+            QUEUE_DESC_LOW_OFFSET..=QUEUE_DEVICE_HIGH_OFFSET => self.read_ring_address(offset),
+            INTERRUPT_STATUS_OFFSET => self.interrupt.status(),
+            STATUS_OFFSET => self.device_status,
+            CONFIG_GENERATION_OFFSET => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn read_ring_address(&self, offset: u64) -> u32 {
+        let Some(queue) = self.selected_queue() else {
+            return 0;
+        };
+        let address = match offset & !0xf {
+            QUEUE_DESC_LOW_OFFSET => queue.desc_table(),
+            QUEUE_DRIVER_LOW_OFFSET => queue.avail_ring(),
+            QUEUE_DEVICE_LOW_OFFSET => queue.used_ring(),
+            _ => return 0,
+        };
+        match offset & 0xf {
+            0 => address as u32,
+            4 => (address >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            DEVICE_FEATURES_SEL_OFFSET => self.device_features_sel = value,
+            DRIVER_FEATURES_OFFSET => self.write_driver_features(value),
+            DRIVER_FEATURES_SEL_OFFSET => self.driver_features_sel = value,
+            QUEUE_SEL_OFFSET => self.queue_sel = value,
+            QUEUE_NUM_OFFSET => self.write_queue_num(value),
+            QUEUE_READY_OFFSET => self.write_queue_ready(value),
+            QUEUE_NOTIFY_OFFSET => self.notify_queue(value),
+            INTERRUPT_ACK_OFFSET => self.interrupt.ack(value),
+            STATUS_OFFSET => self.write_status(value),
+            QUEUE_DESC_LOW_OFFSET => self.write_ring_address(Ring::Desc, Half::Low, value),
+            QUEUE_DESC_HIGH_OFFSET => self.write_ring_address(Ring::Desc, Half::High, value),
+            QUEUE_DRIVER_LOW_OFFSET => self.write_ring_address(Ring::Driver, Half::Low, value),
+            QUEUE_DRIVER_HIGH_OFFSET => self.write_ring_address(Ring::Driver, Half::High, value),
+            QUEUE_DEVICE_LOW_OFFSET => self.write_ring_address(Ring::Device, Half::Low, value),
+            QUEUE_DEVICE_HIGH_OFFSET => self.write_ring_address(Ring::Device, Half::High, value),
+            _ => warn_rate_limited!(
+                "virtio-mmio: write to read-only or unknown register {offset:#x}"
+            ),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if !self.features_writable() {
+            warn_rate_limited!("virtio-mmio: DriverFeatures written outside feature negotiation");
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            // No device offers features beyond bit 63: accepting one fails FEATURES_OK.
+            _ => {
+                self.driver_features_beyond_64 |= value != 0;
+                return;
+            }
+        };
+        let mask = 0xffff_ffffu64 << shift;
+        self.driver_features = (self.driver_features & !mask) | (u64::from(value) << shift);
+    }
+
+    fn write_queue_num(&mut self, value: u32) {
+        let Some(queue) = self.configurable_queue() else {
+            return;
+        };
+        let valid = u16::try_from(value)
+            .ok()
+            .filter(|&size| size.is_power_of_two() && size <= queue.max_size());
+        match valid {
+            Some(size) => queue.set_size(size),
+            None => warn_rate_limited!("virtio-mmio: ignoring invalid queue size {value}"),
+        }
+    }
+
+    fn write_ring_address(&mut self, ring: Ring, half: Half, value: u32) {
+        let Some(queue) = self.configurable_queue() else {
+            return;
+        };
+        let old = match ring {
+            Ring::Desc => queue.desc_table(),
+            Ring::Driver => queue.avail_ring(),
+            Ring::Device => queue.used_ring(),
+        };
+        let new = GuestAddress(match half {
+            Half::Low => (old & !0xffff_ffff) | u64::from(value),
+            Half::High => (old & 0xffff_ffff) | (u64::from(value) << 32),
+        });
+        let result = match ring {
+            Ring::Desc => queue.try_set_desc_table_address(new),
+            Ring::Driver => queue.try_set_avail_ring_address(new),
+            Ring::Device => queue.try_set_used_ring_address(new),
+        };
+        if let Err(e) = result {
+            warn_rate_limited!("virtio-mmio: ignoring queue address {:#x}: {e}", new.0);
+        }
+    }
+
+    fn write_queue_ready(&mut self, value: u32) {
+        if !self.queues_writable() {
+            warn_rate_limited!("virtio-mmio: QueueReady written outside queue setup");
+            return;
+        }
+        let mem = &self.mem;
+        let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else {
+            return;
+        };
+        if value != 1 {
+            queue.set_ready(false);
+            return;
+        }
+        queue.set_ready(true);
+        // Rings must lie in guest memory; a queue whose rings do not stays not ready, and the
+        // device then fails activation.
+        if !queue.is_valid(mem) {
+            warn_rate_limited!("virtio-mmio: queue rings outside guest memory, not ready");
+            queue.set_ready(false);
+        }
+    }
+
+    fn notify_queue(&self, index: u32) {
+        match self.notify_events.get(index as usize) {
+            Some(event) => {
+                if let Err(e) = event.write(1) {
+                    warn_rate_limited!("virtio-mmio: notifying queue {index} failed: {e}");
+                }
+            }
+            None => warn_rate_limited!("virtio-mmio: notify of queue {index} which does not exist"),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.device_status;
+        // Only the device sets DEVICE_NEEDS_RESET; only a reset clears bits.
+        let new = (value & !status::DEVICE_NEEDS_RESET) | (old & status::DEVICE_NEEDS_RESET);
+        if new & old != old {
+            warn_rate_limited!("virtio-mmio: driver cleared status bits {old:#x} -> {value:#x}");
+            return;
+        }
+        let added = new & !old;
+        let requires = [
+            (status::DRIVER, status::ACKNOWLEDGE),
+            (status::FEATURES_OK, status::DRIVER),
+            (status::DRIVER_OK, status::FEATURES_OK),
+        ];
+        for (bit, needed) in requires {
+            if added & bit != 0 && new & needed == 0 {
+                warn_rate_limited!("virtio-mmio: status bit {bit:#x} set before {needed:#x}");
+                return;
+            }
+        }
+        let mut new = new;
+        if added & status::FEATURES_OK != 0 && !self.accept_features() {
+            new &= !status::FEATURES_OK;
+        }
+        self.device_status = new;
+        if added & status::DRIVER_OK != 0 && new & status::FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    /// Checks the driver's features at FEATURES_OK and hands them to the device.
+    fn accept_features(&mut self) -> bool {
+        let offered = self.device.avail_features();
+        let unknown = self.driver_features & !offered;
+        if unknown != 0 || self.driver_features_beyond_64 {
+            warn_rate_limited!("virtio-mmio: driver accepted features not offered: {unknown:#x}");
+            return false;
+        }
+        if self.driver_features & feature(features::VERSION_1) == 0 {
+            warn_rate_limited!("virtio-mmio: driver did not accept VERSION_1 (legacy driver)");
+            return false;
+        }
+        self.device.set_acked_features(self.driver_features);
+        true
+    }
+
+    fn activate(&mut self) {
+        if self.active {
+            return;
+        }
+        let event_idx = self.driver_features & feature(features::RING_EVENT_IDX) != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, queue) in self.queues.iter().enumerate() {
+            if !queue.ready() {
+                warn_rate_limited!("virtio-mmio: DRIVER_OK with queue {index} not ready");
+                return self.needs_reset();
+            }
+            let mut state = queue.state();
+            state.event_idx_enabled = event_idx;
+            let copy = match Queue::try_from(state) {
+                Ok(copy) => copy,
+                Err(e) => {
+                    warn_rate_limited!("virtio-mmio: queue {index} is invalid: {e}");
+                    return self.needs_reset();
+                }
+            };
+            match self.notify_events[index].try_clone() {
+                Ok(event) => queues.push((copy, event)),
+                Err(e) => {
+                    tracing::error!("virtio-mmio: cloning queue {index}'s eventfd failed: {e}");
+                    return self.needs_reset();
+                }
+            }
+        }
+        let activated = self
+            .device
+            .activate(self.mem.clone(), self.interrupt.clone(), queues);
+        match activated {
+            Ok(()) => {
+                self.active = true;
+                tracing::info!(
+                    device = self.device.device_type(),
+                    "virtio device activated"
+                );
+            }
+            Err(e) => {
+                tracing::error!("virtio-mmio: activating the device failed: {e}");
+                self.needs_reset();
+            }
+        }
+    }
+
+    /// Marks the device broken until the driver resets it, and tells the driver.
+    fn needs_reset(&mut self) {
+        self.device_status |= status::DEVICE_NEEDS_RESET;
+        if self.has_status(status::DRIVER_OK) {
+            if let Err(e) = self.interrupt.signal_config_changed() {
+                warn_rate_limited!("virtio-mmio: raising the interrupt failed: {e}");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        for event in &self.notify_events {
+            // Drop notifications of the old queues; an error only means none was pending.
+            let _ = event.read();
+        }
+        self.device_status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.driver_features_beyond_64 = false;
+        self.queue_sel = 0;
+        self.interrupt.clear();
+        tracing::info!(device = self.device.device_type(), "virtio device reset");
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            data.fill(0);
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        match <&mut [u8; 4]>::try_from(&mut *data) {
+            Ok(bytes) if offset % 4 == 0 => *bytes = self.read_register(offset).to_le_bytes(),
+            _ => {
+                warn_rate_limited!("virtio-mmio: {}-byte read at {offset:#x}", data.len());
+                data.fill(0);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.device.write_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset % 4 == 0 => {
+                self.write_register(offset, u32::from_le_bytes(bytes));
+            }
+            _ => warn_rate_limited!("virtio-mmio: {}-byte write at {offset:#x}", data.len()),
+        }
+    }
+}
+
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+    }
+}
