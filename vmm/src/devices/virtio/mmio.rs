@@ -487,3 +487,373 @@ impl Drop for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::virtio::test_utils::{guest_memory, MEM_SIZE};
+    use crate::devices::virtio::{ActivateError, INT_CONFIG, INT_USED_RING};
+
+    const OFFERED: u64 = (1 << 32) | (1 << 29) | (1 << 3) | (1 << 40);
+    const MAX_SIZES: [u16; 2] = [16, 8];
+
+    /// A queue as the device received it: (size, desc, avail, used, event_idx).
+    type QueueSeen = (u16, u64, u64, u64, bool);
+
+    /// What the transport did to the fake device.
+    #[derive(Default)]
+    struct Seen {
+        acked: Option<u64>,
+        /// Per activation, each queue.
+        activations: Vec<Vec<QueueSeen>>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    struct FakeDevice {
+        seen: Arc<Mutex<Seen>>,
+        fail_activation: bool,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &MAX_SIZES
+        }
+        fn avail_features(&self) -> u64 {
+            OFFERED
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.seen.lock().unwrap().acked = Some(features);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = 0x10 + offset as u8 + i as u8;
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.seen
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemory,
+            _interrupt: Arc<Interrupt>,
+            queues: Vec<(Queue, EventFd)>,
+        ) -> Result<(), ActivateError> {
+            if self.fail_activation {
+                return Err(ActivateError::AlreadyActive);
+            }
+            let queues = queues
+                .iter()
+                .map(|(q, _)| {
+                    let s = q.state();
+                    (
+                        s.size,
+                        s.desc_table,
+                        s.avail_ring,
+                        s.used_ring,
+                        s.event_idx_enabled,
+                    )
+                })
+                .collect();
+            self.seen.lock().unwrap().activations.push(queues);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let device = FakeDevice {
+            seen: seen.clone(),
+            fail_activation,
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(guest_memory(), Box::new(device), irq).unwrap();
+        (t, seen)
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    const ACK_DRIVER: u32 = status::ACKNOWLEDGE | status::DRIVER;
+
+    /// ACKNOWLEDGE, DRIVER, accept `features`, FEATURES_OK; returns the status read back.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        write(t, STATUS_OFFSET, status::ACKNOWLEDGE);
+        write(t, STATUS_OFFSET, ACK_DRIVER);
+        for page in 0..2 {
+            write(t, DRIVER_FEATURES_SEL_OFFSET, page);
+            write(t, DRIVER_FEATURES_OFFSET, (features >> (32 * page)) as u32);
+        }
+        write(t, STATUS_OFFSET, ACK_DRIVER | status::FEATURES_OK);
+        read(t, STATUS_OFFSET)
+    }
+
+    /// Sets up queue `index` with `size` and rings at `base`, then marks it ready.
+    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
+        write(t, QUEUE_SEL_OFFSET, index);
+        write(t, QUEUE_NUM_OFFSET, size);
+        for (offset, addr) in [
+            (QUEUE_DESC_LOW_OFFSET, base),
+            (QUEUE_DRIVER_LOW_OFFSET, base + 0x1000),
+            (QUEUE_DEVICE_LOW_OFFSET, base + 0x2000),
+        ] {
+            write(t, offset, addr as u32);
+            write(t, offset + 4, (addr >> 32) as u32);
+        }
+        write(t, QUEUE_READY_OFFSET, 1);
+    }
+
+    const FULL: u32 = ACK_DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identifies_as_a_version_2_device() {
+        let (mut t, _) = transport(false);
+        assert_eq!(read(&mut t, MAGIC_VALUE_OFFSET), 0x7472_6976);
+        assert_eq!(read(&mut t, VERSION_OFFSET), 2);
+        assert_eq!(read(&mut t, DEVICE_ID_OFFSET), 42);
+        assert_eq!(read(&mut t, VENDOR_ID_OFFSET), VENDOR_ID);
+        assert_eq!(t.queue_notify_events().len(), 2);
+        // Unaligned or odd-sized register accesses read zeros and write nothing.
+        let mut odd = [0xffu8; 2];
+        t.read(MAGIC_VALUE_OFFSET, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        assert_eq!(read(&mut t, MAGIC_VALUE_OFFSET + 1), 0);
+        t.write(STATUS_OFFSET, &[1]);
+        write(&mut t, STATUS_OFFSET + 2, 1);
+        assert_eq!(read(&mut t, STATUS_OFFSET), 0);
+        // Config space: any size, relative offsets, both directions.
+        let mut config = [0u8; 2];
+        t.read(CONFIG_OFFSET + 4, &mut config);
+        assert_eq!(config, [0x14, 0x15]);
+        assert_eq!(read(&mut t, CONFIG_OFFSET), 0x1312_1110);
+    }
+
+    #[test]
+    fn feature_negotiation_across_both_pages() {
+        let (mut t, seen) = transport(false);
+        for (page, expected) in [(0, OFFERED as u32), (1, (OFFERED >> 32) as u32), (2, 0)] {
+            write(&mut t, DEVICE_FEATURES_SEL_OFFSET, page);
+            assert_eq!(
+                read(&mut t, DEVICE_FEATURES_OFFSET),
+                expected,
+                "page {page}"
+            );
+        }
+        let wanted = (1 << 32) | (1 << 3) | (1 << 40);
+        let status = negotiate(&mut t, wanted);
+        assert_eq!(status, ACK_DRIVER | status::FEATURES_OK);
+        assert_eq!(seen.lock().unwrap().acked, Some(wanted));
+        // Features are frozen after FEATURES_OK.
+        write(&mut t, DRIVER_FEATURES_SEL_OFFSET, 0);
+        write(&mut t, DRIVER_FEATURES_OFFSET, 0);
+        assert_eq!(t.driver_features, wanted);
+    }
+
+    #[test]
+    fn features_not_offered_or_without_version_1_are_refused() {
+        for features in [(1 << 32) | (1 << 5), 1 << 3, (1 << 32) | (1 << 63)] {
+            let (mut t, seen) = transport(false);
+            assert_eq!(negotiate(&mut t, features), ACK_DRIVER, "{features:#x}");
+            assert_eq!(seen.lock().unwrap().acked, None);
+        }
+        // A feature beyond bit 63 is refused too.
+        let (mut t, _) = transport(false);
+        write(&mut t, STATUS_OFFSET, status::ACKNOWLEDGE);
+        write(&mut t, STATUS_OFFSET, ACK_DRIVER);
+        write(&mut t, DRIVER_FEATURES_SEL_OFFSET, 2);
+        write(&mut t, DRIVER_FEATURES_OFFSET, 1);
+        write(&mut t, DRIVER_FEATURES_SEL_OFFSET, 1);
+        write(&mut t, DRIVER_FEATURES_OFFSET, 1);
+        write(&mut t, STATUS_OFFSET, ACK_DRIVER | status::FEATURES_OK);
+        assert_eq!(read(&mut t, STATUS_OFFSET), ACK_DRIVER);
+    }
+
+    #[test]
+    fn status_bits_must_come_in_order_and_cannot_be_cleared() {
+        let (mut t, _) = transport(false);
+        write(&mut t, STATUS_OFFSET, status::DRIVER);
+        assert_eq!(read(&mut t, STATUS_OFFSET), 0, "DRIVER before ACKNOWLEDGE");
+        write(&mut t, STATUS_OFFSET, status::ACKNOWLEDGE);
+        write(
+            &mut t,
+            STATUS_OFFSET,
+            status::ACKNOWLEDGE | status::FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, STATUS_OFFSET), status::ACKNOWLEDGE);
+        write(&mut t, STATUS_OFFSET, ACK_DRIVER);
+        write(&mut t, STATUS_OFFSET, status::ACKNOWLEDGE);
+        assert_eq!(
+            read(&mut t, STATUS_OFFSET),
+            ACK_DRIVER,
+            "cleared bit ignored"
+        );
+        write(
+            &mut t,
+            STATUS_OFFSET,
+            ACK_DRIVER | status::DEVICE_NEEDS_RESET,
+        );
+        assert_eq!(
+            read(&mut t, STATUS_OFFSET),
+            ACK_DRIVER,
+            "driver cannot set NEEDS_RESET"
+        );
+        write(&mut t, STATUS_OFFSET, ACK_DRIVER | status::DRIVER_OK);
+        assert_eq!(
+            read(&mut t, STATUS_OFFSET),
+            ACK_DRIVER,
+            "DRIVER_OK before FEATURES_OK"
+        );
+    }
+
+    #[test]
+    fn queue_setup_then_driver_ok_activates_the_device() {
+        let (mut t, seen) = transport(false);
+        // Queue registers are ignored before FEATURES_OK.
+        write(&mut t, QUEUE_NUM_OFFSET, 4);
+        assert_eq!(read(&mut t, QUEUE_NUM_OFFSET), 16);
+        negotiate(&mut t, (1 << 32) | (1 << 29));
+        write(&mut t, QUEUE_SEL_OFFSET, 1);
+        assert_eq!(read(&mut t, QUEUE_NUM_MAX_OFFSET), 8);
+        write(&mut t, QUEUE_SEL_OFFSET, 0);
+        assert_eq!(read(&mut t, QUEUE_NUM_MAX_OFFSET), 16);
+        write(&mut t, QUEUE_NUM_OFFSET, 8);
+        for invalid in [12, 32, 0, 0x1_0000] {
+            write(&mut t, QUEUE_NUM_OFFSET, invalid);
+            assert_eq!(read(&mut t, QUEUE_NUM_OFFSET), 8, "size {invalid} ignored");
+        }
+        setup_queue(&mut t, 0, 8, 0x10_0000);
+        setup_queue(&mut t, 1, 4, 0x20_0000);
+        assert_eq!(read(&mut t, QUEUE_READY_OFFSET), 1);
+        assert_eq!(read(&mut t, QUEUE_DEVICE_LOW_OFFSET), 0x20_2000);
+        // A nonexistent queue reads as absent.
+        write(&mut t, QUEUE_SEL_OFFSET, 2);
+        assert_eq!(read(&mut t, QUEUE_NUM_MAX_OFFSET), 0);
+        assert!(seen.lock().unwrap().activations.is_empty());
+
+        write(&mut t, STATUS_OFFSET, FULL);
+        assert_eq!(read(&mut t, STATUS_OFFSET), FULL);
+        let activations = seen.lock().unwrap().activations.clone();
+        assert_eq!(
+            activations,
+            vec![vec![
+                (8, 0x10_0000, 0x10_1000, 0x10_2000, true),
+                (4, 0x20_0000, 0x20_1000, 0x20_2000, true),
+            ]]
+        );
+        // Queue configuration is frozen once the device runs.
+        write(&mut t, QUEUE_SEL_OFFSET, 0);
+        write(&mut t, QUEUE_DESC_LOW_OFFSET, 0x30_0000);
+        assert_eq!(read(&mut t, QUEUE_DESC_LOW_OFFSET), 0x10_0000);
+        // A QueueNotify that reaches the transport kicks that queue's eventfd.
+        write(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+        assert_eq!(t.queue_notify_events()[1].read().unwrap(), 1);
+        assert!(t.queue_notify_events()[0].read().is_err());
+        write(&mut t, QUEUE_NOTIFY_OFFSET, 7);
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_leave_the_queue_not_ready_and_need_reset() {
+        let (mut t, seen) = transport(false);
+        negotiate(&mut t, 1 << 32);
+        setup_queue(&mut t, 0, 16, 0x10_0000);
+        setup_queue(&mut t, 1, 8, MEM_SIZE as u64 - 0x100);
+        assert_eq!(read(&mut t, QUEUE_READY_OFFSET), 0);
+        // Misaligned addresses are not taken.
+        write(&mut t, QUEUE_DESC_LOW_OFFSET, 0x10_0008);
+        assert_eq!(
+            read(&mut t, QUEUE_DESC_LOW_OFFSET),
+            (MEM_SIZE - 0x100) as u32
+        );
+        write(&mut t, STATUS_OFFSET, FULL);
+        assert_eq!(
+            read(&mut t, STATUS_OFFSET),
+            FULL | status::DEVICE_NEEDS_RESET
+        );
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), INT_CONFIG);
+        assert!(seen.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
+    fn activation_failure_sets_needs_reset() {
+        let (mut t, _) = transport(true);
+        negotiate(&mut t, 1 << 32);
+        setup_queue(&mut t, 0, 16, 0x10_0000);
+        setup_queue(&mut t, 1, 8, 0x20_0000);
+        write(&mut t, STATUS_OFFSET, FULL);
+        assert_eq!(
+            read(&mut t, STATUS_OFFSET),
+            FULL | status::DEVICE_NEEDS_RESET
+        );
+        assert_eq!(
+            t.interrupt().irq().read().unwrap(),
+            1,
+            "config change signalled"
+        );
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let (mut t, _) = transport(false);
+        t.interrupt().signal_used_queue().unwrap();
+        t.interrupt().signal_config_changed().unwrap();
+        assert_eq!(
+            read(&mut t, INTERRUPT_STATUS_OFFSET),
+            INT_USED_RING | INT_CONFIG
+        );
+        write(&mut t, INTERRUPT_ACK_OFFSET, INT_USED_RING);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), INT_CONFIG);
+        write(&mut t, INTERRUPT_ACK_OFFSET, INT_CONFIG);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), 0);
+    }
+
+    #[test]
+    fn writing_zero_resets_and_the_driver_can_start_again() {
+        let (mut t, seen) = transport(false);
+        negotiate(&mut t, (1 << 32) | (1 << 29));
+        setup_queue(&mut t, 0, 8, 0x10_0000);
+        setup_queue(&mut t, 1, 8, 0x20_0000);
+        write(&mut t, STATUS_OFFSET, FULL);
+        t.interrupt().signal_used_queue().unwrap();
+        t.write(CONFIG_OFFSET + 2, &[7]);
+
+        write(&mut t, STATUS_OFFSET, 0);
+        assert_eq!(read(&mut t, STATUS_OFFSET), 0);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), 0);
+        write(&mut t, QUEUE_SEL_OFFSET, 0);
+        assert_eq!(read(&mut t, QUEUE_READY_OFFSET), 0);
+        assert_eq!(read(&mut t, QUEUE_NUM_OFFSET), 16, "size back to max");
+
+        // Second initialisation, without EVENT_IDX this time.
+        negotiate(&mut t, 1 << 32);
+        setup_queue(&mut t, 0, 16, 0x30_0000);
+        setup_queue(&mut t, 1, 8, 0x40_0000);
+        write(&mut t, STATUS_OFFSET, FULL);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.activations.len(), 2);
+        assert_eq!(
+            seen.activations[1][0],
+            (16, 0x30_0000, 0x30_1000, 0x30_2000, false)
+        );
+        assert_eq!(seen.config_writes, vec![(2, vec![7])]);
+    }
+}
