@@ -1,4 +1,163 @@
-//! `berth`: start, stop and inspect the Berth VM (being written).
+//! `berth`: starts, stops and inspects the Berth VM, in which a real dockerd serves the
+//! unmodified `docker` CLI through `~/.berth/run/docker.sock`.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod config;
+mod docker;
+mod lifecycle;
+mod logs;
+mod shell;
+mod status;
+mod terminal;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    about = "Run Docker in a small Linux VM",
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot the VM and wait until Docker answers.
+    Start(lifecycle::StartArgs),
+    /// Shut the VM down cleanly (killing it if it does not comply).
+    Stop(lifecycle::StopArgs),
+    /// Stop, then start.
+    Restart {
+        /// Seconds the guest has to shut down before it is stopped by force.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        stop_timeout: u64,
+        #[command(flatten)]
+        start: lifecycle::StartArgs,
+    },
+    /// Is it running; its settings, uptime and what the guest uses.
+    Status(status::StatusArgs),
+    /// Show a log: the VM console (kernel and agent), the host proxy, or dockerd.
+    Logs(logs::LogsArgs),
+    /// A shell in the VM, or run a command there: `berth shell -- CMD ARGS...`.
+    Shell(shell::ShellArgs),
+    /// Show or change the settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the settings in effect and where each comes from.
+    Show,
+    /// Change a setting: cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra.
+    Set { key: String, value: String },
+    /// Reset a setting to its default.
+    Unset { key: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start(args) => lifecycle::start(&args),
+        Command::Stop(args) => lifecycle::stop(&args),
+        Command::Restart {
+            stop_timeout,
+            start,
+        } => lifecycle::stop(&lifecycle::StopArgs {
+            timeout: stop_timeout,
+        })
+        .and_then(|()| lifecycle::start(&start)),
+        Command::Status(args) => status::status(&args),
+        Command::Logs(args) => logs::logs(&args),
+        Command::Shell(args) => shell::shell(&args),
+        Command::Config(cmd) => config_command(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_command(cmd: ConfigCommand) -> anyhow::Result<()> {
+    let path = config::path()?;
+    match cmd {
+        ConfigCommand::Show => {
+            let config = config::Config::load(&path)?;
+            status::print_config(&path, &config);
+        }
+        ConfigCommand::Set { key, value } => {
+            let mut config = config::Config::load(&path)?;
+            config.set(&key, &value)?;
+            if key.starts_with("disk_size") {
+                lifecycle::check_disk_not_shrunk(config.disk_size_gib)?;
+            }
+            config.save(&path)?;
+            println!("{key} set; it applies from the next `berth start` (or `berth restart`)");
+        }
+        ConfigCommand::Unset { key } => {
+            let mut config = config::Config::load(&path)?;
+            config.unset(&key)?;
+            config.save(&path)?;
+            println!("{key} reset to its default");
+        }
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the line already holds
+/// (our errors quote their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = Err::<(), _>(io)
+            .context("cannot open /x: No such file")
+            .context("starting")
+            .unwrap_err();
+        assert_eq!(one_line(&err), "starting: cannot open /x: No such file");
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        Cli::command_for_test().debug_assert();
+        let cli = Cli::try_parse_from(["berth", "shell", "--", "ls", "-l"]).unwrap();
+        assert!(matches!(cli.command, Command::Shell(ref a) if a.command == ["ls", "-l"]));
+        let cli = Cli::try_parse_from(["berth", "logs", "-f", "--source", "dockerd"]).unwrap();
+        assert!(matches!(cli.command, Command::Logs(ref a) if a.follow));
+        assert!(Cli::try_parse_from(["berth", "logs", "--source", "kernel"]).is_err());
+    }
+
+    impl Cli {
+        fn command_for_test() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+}
