@@ -24,6 +24,8 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The host proxy's own grace period after SIGTERM (its `--shutdown-timeout-secs` is 20).
 const SIGTERM_GRACE: Duration = Duration::from_secs(25);
 const POLL: Duration = Duration::from_millis(250);
+/// A host proxy log larger than this is moved to `host-proxy.log.old` at start.
+const MAX_LOG: u64 = 8 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct StartArgs {
@@ -278,11 +280,19 @@ struct LogMarks {
 }
 
 impl LogMarks {
+    /// Also starts a new host proxy log when the current one has grown large.
     fn take(layout: &Layout) -> Self {
-        let len = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let log = layout.host_proxy_log();
+        let len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        if len > MAX_LOG {
+            let mut old = log.clone().into_os_string();
+            old.push(".old");
+            let _ = std::fs::rename(&log, old);
+        }
         LogMarks {
-            host_proxy: len(layout.host_proxy_log()),
-            console: len(layout.console_log()),
+            host_proxy: std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0),
+            // The host proxy moves the previous console log aside: all of it is this run's.
+            console: 0,
         }
     }
 

@@ -76,13 +76,27 @@ impl Outcome {
     }
 }
 
-/// Removes the pid and state files when the run ends, before the lock is released.
+/// Removes the pid and state files when the run ends, before the lock is released, and the
+/// vsock socket a killed VMM leaves.
 struct RunFiles<'a>(&'a Layout);
 
 impl Drop for RunFiles<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(self.0.state_file());
         let _ = std::fs::remove_file(self.0.pid_file());
+        let _ = std::fs::remove_file(self.0.vsock_socket());
+    }
+}
+
+/// Keeps the previous boot's console as `console.log.old` (the VMM truncates `console.log`).
+fn keep_previous_console(layout: &Layout) {
+    let console = layout.console_log();
+    if console.exists() {
+        let mut old = console.clone().into_os_string();
+        old.push(".old");
+        if let Err(e) = std::fs::rename(&console, &old) {
+            tracing::warn!("cannot keep the previous console log: {e}");
+        }
     }
 }
 
@@ -118,6 +132,7 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
+    keep_previous_console(layout);
     let mut child = vmm::spawn(&config.settings, layout).map_err(|source| Error::SpawnVmm {
         path: config.settings.vmm.clone(),
         source,

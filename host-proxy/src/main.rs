@@ -57,11 +57,28 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("berth-host-proxy: {e:#}");
+            let line = one_line(&e);
+            tracing::error!("{line}");
+            eprintln!("berth-host-proxy: {line}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text is already there (our
+/// errors quote their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(args: Args) -> anyhow::Result<u8> {

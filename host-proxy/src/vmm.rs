@@ -55,6 +55,9 @@ pub fn spawn(settings: &VmSettings, layout: &Layout) -> std::io::Result<Child> {
 async fn log_lines(from: impl tokio::io::AsyncRead + Unpin) {
     let mut lines = BufReader::new(from).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
         tracing::info!(target: "berth_vmm", "{line}");
     }
 }
