@@ -1,13 +1,14 @@
 //! `boot-timer`: how long a VM takes from spawn to a line on its console.
 //!
 //! ```text
-//! boot-timer [--pattern TEXT] [--timeout SECONDS] -- COMMAND [ARGS...]
+//! boot-timer [--pattern TEXT] [--timeout SECONDS] [--exit-wait SECONDS] -- COMMAND [ARGS...]
 //! ```
 //!
 //! Spawns COMMAND with its stdout piped (stdin from /dev/null, stderr inherited), reads stdout
-//! line by line and, at the first line containing TEXT (default `berth-agent: ready`), prints
-//! the milliseconds since the spawn on stdout. Then it waits up to the timeout for COMMAND to
-//! exit by itself (a guest booted with `berth.on_ready=poweroff` does) and kills it otherwise.
+//! line by line and, at the first line containing TEXT (default `berth-agent: ready`) within
+//! `--timeout` (default 120 s), prints the milliseconds since the spawn on stdout. Then it waits
+//! up to `--exit-wait` (default 10 s) for COMMAND to exit by itself (our VMM does when the guest
+//! powers off; QEMU's microvm without ACPI only halts) and kills it otherwise.
 //! Exit status 0 if the line appeared, 1 if it did not (the console is then printed on stderr),
 //! 2 on a usage error.
 
@@ -22,24 +23,20 @@ use anyhow::{bail, Context};
 struct Args {
     pattern: String,
     timeout: Duration,
+    exit_wait: Duration,
     command: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut pattern = "berth-agent: ready".to_owned();
     let mut timeout = Duration::from_secs(120);
+    let mut exit_wait = Duration::from_secs(10);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pattern" => pattern = args.next().context("--pattern needs TEXT")?,
-            "--timeout" => {
-                let secs: f64 = args
-                    .next()
-                    .context("--timeout needs SECONDS")?
-                    .parse()
-                    .context("--timeout needs a number of seconds")?;
-                timeout = Duration::from_secs_f64(secs);
-            }
+            "--timeout" => timeout = seconds(args.next(), "--timeout")?,
+            "--exit-wait" => exit_wait = seconds(args.next(), "--exit-wait")?,
             "--" => break,
             other => bail!("unexpected argument {other:?}"),
         }
@@ -51,8 +48,17 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args {
         pattern,
         timeout,
+        exit_wait,
         command,
     })
+}
+
+fn seconds(arg: Option<String>, option: &str) -> anyhow::Result<Duration> {
+    let secs: f64 = arg
+        .with_context(|| format!("{option} needs SECONDS"))?
+        .parse()
+        .with_context(|| format!("{option} needs a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).with_context(|| format!("{option}: {secs} is not a duration"))
 }
 
 /// What the reader thread sees on the command's stdout.
@@ -66,7 +72,10 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => {
             eprintln!("boot-timer: {e:#}");
-            eprintln!("usage: boot-timer [--pattern TEXT] [--timeout SECONDS] -- COMMAND [ARGS...]");
+            eprintln!(
+                "usage: boot-timer [--pattern TEXT] [--timeout SECONDS] [--exit-wait SECONDS] \
+                 -- COMMAND [ARGS...]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -93,7 +102,7 @@ fn time(args: &Args) -> anyhow::Result<bool> {
     let (tx, rx) = mpsc::channel();
     let reader = thread::spawn(move || read_lines(stdout, &tx));
 
-    let deadline = start + args.timeout;
+    let mut deadline = start + args.timeout;
     let mut console = Vec::new();
     let mut found = None;
     while found.is_none() {
@@ -110,6 +119,7 @@ fn time(args: &Args) -> anyhow::Result<bool> {
     }
     if let Some(elapsed) = found {
         println!("{}", elapsed.as_millis());
+        deadline = Instant::now() + args.exit_wait;
     }
     let status = finish(&mut child, deadline)?;
     // Drain what is left so the reader thread ends (the pipe closes when the child is gone).
@@ -136,7 +146,15 @@ fn read_lines(stdout: impl Read, tx: &mpsc::Sender<Seen>) {
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("boot-timer: reading the command's stdout: {e}");
+                break;
+            }
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);
                 let line = line.trim_end_matches(['\r', '\n']).to_owned();
