@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Makes everything the Linux-booting tests need, reusing what is cached, and prints `export` lines
+# for it (also written to $CACHE/env.sh):
+#
+#   eval "$(tests/setup.sh)"      # or: tests/setup.sh >/dev/null && . ~/.cache/berth/env.sh
+#
+#   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER  release binaries
+#   BERTH_KERNEL            the guest kernel (PVH vmlinux)
+#   BERTH_ROOTFS            the read-only root image (ext4)
+#   BERTH_TEST_HOST_KERNEL  the nested rig's kernel (vmlinux)
+#   BERTH_RIG_RUN           tests/rig/run-in-rig.sh
+#   BERTH_RIG_MODE          direct | rig (tests/rig/detect.sh)
+#   CARGO_TARGET_DIR        where the binaries were built
+#
+# Steps: Debian packages (apt-get update only if one is missing), cargo build of the workspace's
+# binaries, both kernels (kernel-config/build-kernel.sh, ~7 min each when cold), the guest image
+# (guest-agent/image/build-image.sh, ~2 min when cold). Progress and timings go to stderr.
+# With CI=true and no CARGO_TARGET_DIR, binaries go to $CACHE/target so a fresh clone builds warm.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
+export BERTH_CACHE=$CACHE
+mkdir -p "$CACHE"
+
+log() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+phase_start=$SECONDS
+phase() {
+  log "$1 done in $((SECONDS - phase_start)) s"
+  phase_start=$SECONDS
+}
+
+# 1. Debian packages.
+packages=(qemu-system-x86 debootstrap linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
+  xz-utils e2fsprogs make gcc perl util-linux iproute2)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "missing Debian packages (${missing[*]}); run as root or apt-get install them"
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+phase "packages"
+
+# 2. Binaries.
+if [ -z "${CARGO_TARGET_DIR:-}" ] && [ "${CI:-}" = true ]; then
+  export CARGO_TARGET_DIR=$CACHE/target
+fi
+target=${CARGO_TARGET_DIR:-$repo/target}
+case "$target" in /*) ;; *) target=$repo/$target ;; esac
+(cd "$repo" && cargo build --release --workspace --bins >&2)
+for bin in berth-vmm berth-agent boot-timer; do
+  [ -x "$target/release/$bin" ] || die "cargo build did not produce $target/release/$bin"
+done
+phase "cargo build"
+
+# 3. Kernels.
+guest_kernel=$("$repo/kernel-config/build-kernel.sh" guest) || die "guest kernel build failed"
+phase "guest kernel"
+test_host_kernel=$("$repo/kernel-config/build-kernel.sh" test-host) || die "test-host kernel build failed"
+phase "test-host kernel"
+
+# 4. Guest image.
+rootfs=$("$repo/guest-agent/image/build-image.sh" "$target/release/berth-agent") || die "guest image build failed"
+phase "guest image"
+
+# shellcheck source=tests/rig/detect.sh
+. "$repo/tests/rig/detect.sh"
+mode=$(berth_rig_mode)
+
+env_file=$CACHE/env.sh
+{
+  printf 'export BERTH_CACHE=%q\n' "$CACHE"
+  printf 'export CARGO_TARGET_DIR=%q\n' "$target"
+  printf 'export BERTH_VMM=%q\n' "$target/release/berth-vmm"
+  printf 'export BERTH_AGENT=%q\n' "$target/release/berth-agent"
+  printf 'export BERTH_BOOT_TIMER=%q\n' "$target/release/boot-timer"
+  printf 'export BERTH_KERNEL=%q\n' "$guest_kernel/vmlinux"
+  printf 'export BERTH_ROOTFS=%q\n' "$rootfs"
+  printf 'export BERTH_TEST_HOST_KERNEL=%q\n' "$test_host_kernel/vmlinux"
+  printf 'export BERTH_RIG_RUN=%q\n' "$repo/tests/rig/run-in-rig.sh"
+  printf 'export BERTH_RIG_MODE=%q\n' "$mode"
+} > "$env_file.tmp"
+mv "$env_file.tmp" "$env_file"
+log "wrote $env_file (guests boot: $mode)"
+cat "$env_file"
