@@ -67,6 +67,8 @@ pub struct VmConfig {
     pub rng: bool,
     pub serial_log: Option<PathBuf>,
     pub console: bool,
+    /// Host unix socket for virtio-vsock (hybrid convention); no vsock device when `None`.
+    pub vsock: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -120,6 +122,7 @@ mod tests {
             rng: true,
             serial_log: None,
             console: false,
+            vsock: None,
         }
     }
 

@@ -8,4 +8,4 @@ pub mod exit;
 pub mod hypervisor;
 pub mod memory;
 pub mod vcpu;
-// pub mod vm;
+pub mod vm;

@@ -2,6 +2,8 @@
 //! and MMIO exits reach the right device, a halting vCPU stops the VM, a spinning one can be
 //! stopped. They need /dev/kvm and fail, never skip, without it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,9 @@
 //! virtio-vsock: stream sockets between guest and host, exposed on the host as unix sockets.
 
 pub mod connection;
+pub mod device;
 pub mod muxer;
 pub mod packet;
 
+pub use device::Vsock;
 pub use muxer::Muxer;

@@ -107,6 +107,17 @@ impl Muxer {
         Ok(muxer)
     }
 
+    /// Forgets every connection (the guest driver was reset), keeping the listening socket.
+    pub fn reset(&mut self) {
+        for (_, conn) in self.conns.drain() {
+            self.fds.remove(&conn.stream.as_raw_fd());
+        }
+        self.local_ports.clear();
+        self.rx_order.clear();
+        self.rx_queued.clear();
+        self.resets.clear();
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
