@@ -33,6 +33,19 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
 fi
 
 log() { echo "build-kernel: $*" >&2; }
+
+# One build per flavor at a time (CI, tests and a developer may all ask at once); whoever waited
+# finds the finished kernel.
+mkdir -p "$cache/kernel"
+exec 9> "$cache/kernel/.lock-$flavor"
+if ! flock -n 9; then
+  log "waiting for another $flavor kernel build to finish"
+  flock 9
+fi
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+  echo "$out"
+  exit 0
+fi
 src="$cache/kernel/src-$version"
 if [ ! -f "$src/.extracted" ]; then
   log "extracting linux-source $version"
