@@ -25,7 +25,9 @@ if [ ! -f "$tarball" ]; then
   exit 1
 fi
 version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$( { echo "$version"; cat "${BASH_SOURCE[0]}" "$here/docker-flags.txt" "${fragments[@]}"; } | sha256sum | cut -c1-16)
+# Bump when the way the kernel is built changes (not for comments or locking): it is part of the key.
+recipe=2
+key=$( { echo "$version recipe $recipe"; cat "$here/docker-flags.txt" "${fragments[@]}"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$flavor-$key"
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   echo "$out"
