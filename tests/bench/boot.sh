@@ -55,10 +55,9 @@ echo "bench: boot to 'berth-agent: ready', $runs runs each, ${memory} MiB, $cpus
 ours_ms=() qemu_ms=() failed=0
 for i in $(seq "$runs"); do
   # Alternate, so a slow phase of the machine hits both.
-  o='-' q='-'
-  if o=$(ours 2>/dev/null); then ours_ms+=("$o"); else o=failed failed=1; fi
-  if q=$(qemu 2>/dev/null); then qemu_ms+=("$q"); else q=failed failed=1; fi
-  echo "bench: run $i: berth-vmm $o ms, qemu $q ms"
+  if o=$(ours 2>/dev/null); then ours_ms+=("$o"); o="$o ms"; else o="no readiness"; failed=1; fi
+  if q=$(qemu 2>/dev/null); then qemu_ms+=("$q"); q="$q ms"; else q="no readiness"; failed=1; fi
+  echo "bench: run $i: berth-vmm $o, qemu $q"
 done
 if [ ${#ours_ms[@]} -gt 0 ] && [ ${#qemu_ms[@]} -gt 0 ]; then
   read -r om omin < <(stats "${ours_ms[@]}")
