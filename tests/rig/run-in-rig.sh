@@ -84,10 +84,13 @@ pwd > "$scratch/cwd"
 
 append="root=/dev/root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=$msize,cache=loose ro"
 append+=" init=$here/rig-init.sh console=ttyS0 reboot=t panic=-1 loglevel=3"
-# kvm_amd.npt=0: QEMU's software-emulated nested paging (TCG SVM + NPT) leaves a nested guest
-# spinning in KVM_RUN before its first instruction in most boots (measured: 8 hangs in 9 runs
-# with npt, 8 clean boots in 8 without). Shadow paging in the test host's KVM boots reliably.
-append+=" kvm_amd.npt=0 ${BERTH_RIG_APPEND:-}"
+# tsc_early_khz: under software emulation the test host's PIT calibration of the TSC fails
+# whenever the machine is busy ("tsc: Unable to calibrate against PIT"); its KVM then has no TSC
+# frequency and a nested guest's vCPU spins in KVM_RUN forever (kvm_guest_time_update keeps
+# asking for a clock update). QEMU's emulated TSC runs at this machine's TSC rate, so say it.
+tsc_khz=$(awk '/^cpu MHz/ { printf "%d", $4 * 1000; exit }' /proc/cpuinfo)
+[ -n "$tsc_khz" ] && [ "$tsc_khz" -gt 0 ] || die "cannot read this machine's TSC frequency from /proc/cpuinfo"
+append+=" tsc_early_khz=$tsc_khz ${BERTH_RIG_APPEND:-}"
 append+=" berth.rig_scratch=$scratch berth.rig_msize=$msize"
 fs_args=(
   -fsdev "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap"
