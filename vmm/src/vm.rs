@@ -144,7 +144,7 @@ impl Machine {
         let pm = AcpiPm::new(exit.clone());
         self.io_bus.insert(
             Arc::new(Mutex::new(pm)),
-            u64::from(power::ACPI_SLEEP_CONTROL_PORT),
+            u64::from(power::ACPI_PM1_EVT_PORT),
             power::ACPI_PORTS_LEN,
         )?;
         let i8042 = I8042::new(exit.clone());

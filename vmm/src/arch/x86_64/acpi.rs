@@ -1,12 +1,18 @@
-//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, DSDT (`\_S5` only) and
-//! MADT. They tell the guest its CPUs and IOAPIC and give it the sleep-control and reset
-//! registers that `crate::devices::power` answers, so the guest can power off and reboot.
+//! ACPI tables: RSDP, XSDT, FADT, DSDT (`\_S5` only) and MADT. They tell the guest its CPUs
+//! and IOAPIC and give it the PM1 and reset registers that `crate::devices::power` answers, so
+//! the guest can power off and reboot.
+//!
+//! The platform is not "hardware-reduced": that mode makes Linux drop the legacy PIC and with it
+//! the ISA interrupt lines that the serial port and the command-line virtio-mmio devices use.
+//! Fixed hardware costs only the PM1 blocks (no PM timer, no GPEs, no SMI command port: ACPI
+//! mode is always on).
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 use crate::devices::power::{
-    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
+    ACPI_PM1_CNT_LEN, ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_LEN, ACPI_PM1_EVT_PORT, ACPI_RESET_PORT,
+    ACPI_RESET_VALUE,
 };
 use crate::memory::GuestMemory;
 
@@ -45,12 +51,12 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     t
 }
 
-/// A Generic Address Structure for a one-byte register in I/O space.
-fn io_port_gas(port: u16) -> [u8; 12] {
+/// A Generic Address Structure for a register block of `bytes` bytes in I/O space.
+fn io_port_gas(port: u16, bytes: u8) -> [u8; 12] {
     let mut gas = [0u8; 12];
     gas[0] = 1; // system I/O
-    gas[1] = 8; // bit width
-    gas[3] = 1; // byte access
+    gas[1] = bytes * 8; // bit width
+    gas[3] = bytes.min(4).trailing_zeros() as u8 + 1; // access size: 1 byte, 2 bytes, 4 bytes
     gas[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
     gas
 }
@@ -65,22 +71,33 @@ fn dsdt() -> Vec<u8> {
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
     const FADT_LEN: usize = 276;
+    const FLAG_WBINVD: u32 = 1 << 0;
+    /// No fixed-feature power or sleep button: the guest is stopped through the agent.
+    const FLAG_PWR_BUTTON: u32 = 1 << 4;
+    const FLAG_SLP_BUTTON: u32 = 1 << 5;
     const FLAG_RESET_REG_SUP: u32 = 1 << 10;
-    const FLAG_HW_REDUCED_ACPI: u32 = 1 << 20;
+    /// The SCI: ISA IRQ 9, as on a PC. Nothing ever raises it.
+    const SCI_IRQ: u16 = 9;
     // IAPC_BOOT_ARCH: no VGA, no MSI, no CMOS RTC (the guest takes wall time from kvmclock).
     const BOOT_ARCH: u16 = (1 << 2) | (1 << 3) | (1 << 5);
     let mut body = vec![0u8; FADT_LEN - 36];
     let at = |offset: usize| offset - 36;
-    body[at(45)] = 0; // preferred PM profile: unspecified
+    body[at(46)..at(48)].copy_from_slice(&SCI_IRQ.to_le_bytes());
+    // SMI_CMD (offset 48) stays 0: the platform is always in ACPI mode.
+    body[at(56)..at(60)].copy_from_slice(&u32::from(ACPI_PM1_EVT_PORT).to_le_bytes());
+    body[at(64)..at(68)].copy_from_slice(&u32::from(ACPI_PM1_CNT_PORT).to_le_bytes());
+    body[at(88)] = ACPI_PM1_EVT_LEN;
+    body[at(89)] = ACPI_PM1_CNT_LEN;
     body[at(109)..at(111)].copy_from_slice(&BOOT_ARCH.to_le_bytes());
-    body[at(112)..at(116)]
-        .copy_from_slice(&(FLAG_RESET_REG_SUP | FLAG_HW_REDUCED_ACPI).to_le_bytes());
-    body[at(116)..at(128)].copy_from_slice(&io_port_gas(ACPI_RESET_PORT));
+    body[at(112)..at(116)].copy_from_slice(
+        &(FLAG_WBINVD | FLAG_PWR_BUTTON | FLAG_SLP_BUTTON | FLAG_RESET_REG_SUP).to_le_bytes(),
+    );
+    body[at(116)..at(128)].copy_from_slice(&io_port_gas(ACPI_RESET_PORT, 1));
     body[at(128)] = ACPI_RESET_VALUE;
     body[at(131)] = 0; // FADT minor version
     body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes()); // X_DSDT
-    body[at(244)..at(256)].copy_from_slice(&io_port_gas(ACPI_SLEEP_CONTROL_PORT));
-    body[at(256)..at(268)].copy_from_slice(&io_port_gas(ACPI_SLEEP_STATUS_PORT));
+    body[at(148)..at(160)].copy_from_slice(&io_port_gas(ACPI_PM1_EVT_PORT, ACPI_PM1_EVT_LEN));
+    body[at(172)..at(184)].copy_from_slice(&io_port_gas(ACPI_PM1_CNT_PORT, ACPI_PM1_CNT_LEN));
     body[at(268)..at(276)].copy_from_slice(b"BERTHVMM"); // hypervisor vendor identity
     sdt(b"FACP", 6, &body)
 }
@@ -175,11 +192,21 @@ mod tests {
         assert_eq!(&fadt[..4], b"FACP");
         assert_eq!(fadt.len(), 276);
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
-        assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
         assert_eq!(
-            u16::from_le_bytes(fadt[248..250].try_into().unwrap()),
-            ACPI_SLEEP_CONTROL_PORT
+            flags & (1 << 20),
+            0,
+            "not hardware-reduced: Linux would drop the ISA IRQs"
         );
+        assert_eq!(
+            u32::from_le_bytes(fadt[64..68].try_into().unwrap()),
+            u32::from(ACPI_PM1_CNT_PORT)
+        );
+        assert_eq!(fadt[89], 2, "PM1 control block length");
+        assert_eq!(
+            u16::from_le_bytes(fadt[176..178].try_into().unwrap()),
+            ACPI_PM1_CNT_PORT
+        );
+        assert_eq!(fadt[173], 16, "X_PM1a_CNT_BLK is 16 bits wide");
         let dsdt = read_table(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[36..41], &[0x08, b'_', b'S', b'5', b'_']);
         let madt = read_table(&mem, madt_addr);
