@@ -13,6 +13,7 @@ pub const CMDLINE_PATH: &str = "/proc/cmdline";
 const KEY_HOSTNAME: &str = "berth.hostname";
 const KEY_DATA: &str = "berth.data";
 const KEY_ON_READY: &str = "berth.on_ready";
+const KEY_DOCKER: &str = "berth.docker";
 
 /// Host name used when `berth.hostname` is absent or invalid.
 pub const DEFAULT_HOSTNAME: &str = "berth";
@@ -41,6 +42,9 @@ pub struct Config {
     pub data_disk: Option<PathBuf>,
     /// `berth.on_ready`
     pub on_ready: OnReady,
+    /// `berth.docker=on|off`: whether containerd and dockerd are started after the readiness
+    /// line (boot tests and the boot benchmark turn them off).
+    pub docker: bool,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.to_string(),
             data_disk: Some(PathBuf::from(DEFAULT_DATA_DISK)),
             on_ready: OnReady::Stay,
+            docker: true,
         }
     }
 }
@@ -117,10 +122,18 @@ impl Config {
                     ));
                 }
             },
+            KEY_DOCKER => match value {
+                Some("on") => self.docker = true,
+                Some("off") => self.docker = false,
+                _ => {
+                    self.docker = default.docker;
+                    return Err(format!("{shown}: expected on or off; using on"));
+                }
+            },
             _ => {
                 return Err(format!(
                     "unknown command-line key {key} (known: {KEY_HOSTNAME}, {KEY_DATA}, \
-                     {KEY_ON_READY}); ignored"
+                     {KEY_ON_READY}, {KEY_DOCKER}); ignored"
                 ))
             }
         }
@@ -293,6 +306,23 @@ mod tests {
         let p = parse("berth.on_ready=sometimes berth.on_ready=reboot");
         assert_eq!(p.config.on_ready, OnReady::Reboot);
         assert_eq!(p.warnings.len(), 1);
+    }
+
+    #[test]
+    fn docker_on_off() {
+        assert!(parse("").config.docker);
+        let p = parse("berth.docker=off");
+        assert!(p.warnings.is_empty());
+        assert!(!p.config.docker);
+        assert!(parse("berth.docker=off berth.docker=on").config.docker);
+        let p = parse("berth.docker=no");
+        assert!(p.config.docker);
+        assert_eq!(p.warnings.len(), 1);
+        assert!(
+            p.warnings[0].contains("expected on or off"),
+            "{}",
+            p.warnings[0]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 
+use crate::console::chain;
 use crate::{bootcount, console, mounts};
 
 /// Where the data disk is mounted.
@@ -211,18 +212,6 @@ fn format(device: &Path) -> Result<(), Error> {
         return Err(Error::Mkfs(device.to_path_buf(), status));
     }
     Ok(())
-}
-
-/// `error: cause: cause` on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

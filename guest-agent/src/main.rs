@@ -6,6 +6,7 @@
 //! exit or panic, since either panics the kernel.
 
 mod bootcount;
+mod children;
 mod config;
 mod console;
 mod datadisk;
@@ -95,8 +96,7 @@ fn serve(signals: &Signals) -> ! {
             }
         };
         match signals::action_for(signo) {
-            // The service supervisor will claim its children's exits here.
-            Action::Reap => drop(reaper::reap(|_exit| {})),
+            Action::Reap => drop(reaper::reap(children::dispatch)),
             Action::PowerOff => power::shutdown(PowerAction::PowerOff),
             Action::Reboot => power::shutdown(PowerAction::Reboot),
             Action::Ignore => {}
@@ -107,7 +107,7 @@ fn serve(signals: &Signals) -> ! {
 /// Fallback if the signalfd breaks: reap once a second. Power signals stay blocked and pending.
 fn poll_forever() -> ! {
     loop {
-        reaper::reap(|_exit| {});
+        reaper::reap(children::dispatch);
         std::thread::sleep(Duration::from_secs(1));
     }
 }

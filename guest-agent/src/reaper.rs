@@ -1,8 +1,11 @@
 //! Collecting exited children. As PID 1 the agent inherits every orphan in the guest and must
-//! wait for each, or zombies pile up. Exits are handed to a callback so that the service
-//! supervisor (containerd, dockerd) can claim the ones that are its own.
+//! wait for each, or zombies pile up. This is the agent's only `waitpid(-1)`: exits are handed
+//! to a callback, `children::dispatch` in the agent, so that the supervisor and the shell
+//! sessions get the ones that are their own.
 
 use std::time::{Duration, Instant};
+
+use crate::children;
 
 /// An exited child.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,11 +45,12 @@ pub fn reap(mut on_exit: impl FnMut(Exit)) -> Remaining {
     }
 }
 
-/// Reaps until no children are left or `timeout` passes; returns whether all are gone.
+/// Reaps (handing exits to their owners) until no children are left or `timeout` passes;
+/// returns whether all are gone.
 pub fn reap_until_none(timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if reap(|_| {}) == Remaining::None {
+        if reap(children::dispatch) == Remaining::None {
             return true;
         }
         if Instant::now() >= deadline {
@@ -61,21 +65,20 @@ mod tests {
     use super::*;
 
     #[test]
-    // The child is waited for by `reap`, which is what this test checks.
-    #[allow(clippy::zombie_processes)]
-    fn collects_an_exited_child_with_its_status() {
-        let child = std::process::Command::new("sh")
-            .args(["-c", "exit 3"])
-            .spawn()
-            .unwrap();
-        let pid = child.id() as libc::pid_t;
-        let mut seen = Vec::new();
+    fn collects_an_exited_child_and_hands_it_to_its_owner() {
+        // Registered like every child of the agent: other tests' children, reaped here or by
+        // their test reaper, reach their owners the same way.
+        let spawned =
+            children::spawn(std::process::Command::new("sh").args(["-c", "exit 3"])).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !seen.iter().any(|e: &Exit| e.pid == pid) && Instant::now() < deadline {
-            reap(|e| seen.push(e));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let exit = seen.iter().find(|e| e.pid == pid).expect("child reaped");
+        let exit = loop {
+            reap(children::dispatch);
+            if let Some(exit) = spawned.exit.wait_timeout(Duration::from_millis(10)) {
+                break exit;
+            }
+            assert!(Instant::now() < deadline, "child not reaped");
+        };
+        assert_eq!(exit.pid, spawned.pid);
         assert!(libc::WIFEXITED(exit.status));
         assert_eq!(libc::WEXITSTATUS(exit.status), 3);
     }
