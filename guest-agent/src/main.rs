@@ -1,6 +1,8 @@
 //! `berth-agent`, the guest's PID 1: mounts the pseudo filesystems, reads its configuration from
 //! the kernel command line, sets the host name and loopback, brings up the data disk, prints one
-//! readiness line, then reaps orphans and turns signals into clean power-offs and reboots.
+//! readiness line, starts and supervises containerd and dockerd, serves the host on vsock
+//! (Docker API, control, shell), then reaps children and turns signals into clean power-offs
+//! and reboots.
 //!
 //! A boot failure prints one `berth-agent: error: ...` line and powers off: PID 1 must never
 //! exit or panic, since either panics the kernel.
@@ -9,14 +11,19 @@ mod bootcount;
 mod children;
 mod config;
 mod console;
+mod daemons;
 mod datadisk;
+mod logfile;
 mod mounts;
 mod network;
 mod power;
 mod readiness;
 mod reaper;
 mod signals;
+mod supervisor;
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,6 +31,7 @@ use anyhow::Context;
 use crate::config::{Config, OnReady, CMDLINE_PATH};
 use crate::power::PowerAction;
 use crate::signals::{Action, Signals};
+use crate::supervisor::Supervisor;
 
 /// What a successful boot produced.
 struct Booted {
@@ -52,7 +60,7 @@ fn main() {
         Ok(ok) => ok,
         Err(e) => {
             console::error(&format!("{e:#}"));
-            power::shutdown(PowerAction::PowerOff)
+            power::shutdown(PowerAction::PowerOff, None)
         }
     };
 
@@ -61,10 +69,33 @@ fn main() {
         booted.data.boot_count,
         booted.data.state,
     ));
+    let supervisor = start_engine(booted.config.docker);
     match booted.config.on_ready {
-        OnReady::Stay => serve(&signals),
-        OnReady::PowerOff => power::shutdown(PowerAction::PowerOff),
-        OnReady::Reboot => power::shutdown(PowerAction::Reboot),
+        OnReady::Stay => serve(&signals, supervisor.as_deref()),
+        OnReady::PowerOff => power::shutdown(PowerAction::PowerOff, supervisor.as_deref()),
+        OnReady::Reboot => power::shutdown(PowerAction::Reboot, supervisor.as_deref()),
+    }
+}
+
+/// Starts containerd and dockerd unless `berth.docker=off`. A failure is reported and the
+/// guest stays up without them (the shell still works for a look inside).
+fn start_engine(docker: bool) -> Option<Arc<Supervisor>> {
+    if let Err(e) = children::raise_open_files_limit() {
+        console::warn(&format!("raise the open-file limit: {e}"));
+    }
+    if !docker {
+        console::say("docker is off (berth.docker=off)");
+        return None;
+    }
+    match Supervisor::start(Path::new(daemons::RUN_DIR), Path::new(daemons::LOG_DIR)) {
+        Ok(supervisor) => Some(Arc::new(supervisor)),
+        Err(e) => {
+            console::error(&format!(
+                "cannot start containerd and dockerd: {}",
+                console::chain(&e)
+            ));
+            None
+        }
     }
 }
 
@@ -85,8 +116,9 @@ fn boot() -> anyhow::Result<Booted> {
     Ok(Booted { config, data })
 }
 
-/// PID 1's life after the boot: reap children, obey power signals. Never returns.
-fn serve(signals: &Signals) -> ! {
+/// PID 1's life after the boot: reap children (handing exits to their owners), obey power
+/// signals. Never returns.
+fn serve(signals: &Signals, supervisor: Option<&Supervisor>) -> ! {
     loop {
         let signo = match signals.wait() {
             Ok(signo) => signo,
@@ -97,8 +129,8 @@ fn serve(signals: &Signals) -> ! {
         };
         match signals::action_for(signo) {
             Action::Reap => drop(reaper::reap(children::dispatch)),
-            Action::PowerOff => power::shutdown(PowerAction::PowerOff),
-            Action::Reboot => power::shutdown(PowerAction::Reboot),
+            Action::PowerOff => power::shutdown(PowerAction::PowerOff, supervisor),
+            Action::Reboot => power::shutdown(PowerAction::Reboot, supervisor),
             Action::Ignore => {}
         }
     }

@@ -1,14 +1,22 @@
-//! Clean shutdown: stop every process, flush and unmount the disks, then power off or reboot.
-//! Also the ctrl-alt-del setting and the last-resort power-off for a panicking agent.
+//! Clean shutdown: stop dockerd (which stops the containers), then containerd, then every other
+//! process; flush and unmount the disks, then power off or reboot. Also the ctrl-alt-del
+//! setting, the host's shutdown request and the last-resort power-off for a panicking agent.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::{console, mounts, reaper};
+use crate::supervisor::Supervisor;
+use crate::{children, console, daemons, mounts, reaper};
 
 /// How long processes get between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 /// How long SIGKILLed processes get to disappear.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// What the rest of the shutdown takes after dockerd, subtracted from the host's timeout.
+const AFTER_DOCKERD: u32 = 4;
+
+/// The host's `Shutdown { timeout_secs }`, 0 when the host asked nothing.
+static REQUESTED_TIMEOUT: AtomicU32 = AtomicU32::new(0);
 
 /// How the VM ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,9 +53,35 @@ pub fn route_ctrl_alt_del_to_agent() {
     }
 }
 
+/// Asks PID 1's signal loop for a clean power-off (the host's `Shutdown` request), giving the
+/// whole shutdown `timeout_secs`. Returns at once; the power-off runs on the main thread.
+pub fn request_power_off(timeout_secs: u32) {
+    REQUESTED_TIMEOUT.store(timeout_secs, Ordering::SeqCst);
+    // SAFETY: kill(2) to our own PID; SIGTERM is blocked in every agent thread, so it is queued
+    // and read from the signalfd by the main loop.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+/// How long dockerd gets to stop: its own shutdown-timeout plus margin, or what the host's
+/// timeout leaves after the rest of the shutdown.
+pub fn dockerd_grace(requested_secs: u32) -> Duration {
+    let secs = match requested_secs {
+        0 => daemons::SHUTDOWN_TIMEOUT_SECS + 5,
+        t => t.saturating_sub(AFTER_DOCKERD).max(1),
+    };
+    Duration::from_secs(u64::from(secs))
+}
+
 /// Shuts the guest down cleanly and never returns.
-pub fn shutdown(action: PowerAction) -> ! {
+pub fn shutdown(action: PowerAction, services: Option<&Supervisor>) -> ! {
     console::say(action.announcement());
+    if let Some(services) = services {
+        let grace = dockerd_grace(REQUESTED_TIMEOUT.load(Ordering::SeqCst));
+        // This is the thread that reaps for PID 1, so it reaps while it waits.
+        services.stop(grace, || {
+            reaper::reap(children::dispatch);
+        });
+    }
     terminate_all();
     sync();
     mounts::unmount_for_shutdown();
@@ -104,5 +138,12 @@ mod tests {
         assert_eq!(PowerAction::Reboot.announcement(), "rebooting");
         assert_eq!(PowerAction::PowerOff.reboot_cmd(), libc::RB_POWER_OFF);
         assert_eq!(PowerAction::Reboot.reboot_cmd(), libc::RB_AUTOBOOT);
+    }
+
+    #[test]
+    fn dockerd_gets_its_shutdown_timeout_or_what_the_host_leaves() {
+        assert_eq!(dockerd_grace(0), Duration::from_secs(15));
+        assert_eq!(dockerd_grace(25), Duration::from_secs(21));
+        assert_eq!(dockerd_grace(2), Duration::from_secs(1));
     }
 }

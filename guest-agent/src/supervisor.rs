@@ -1,0 +1,419 @@
+//! Keeps containerd and dockerd running: one thread per daemon starts it with its output piped
+//! into a rotated log file, waits for its exit (delivered by PID 1's reaper through the child
+//! registry) and restarts it with backoff; at shutdown `stop` ends dockerd, then containerd.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::children::{self, ExitWatch};
+use crate::logfile::{self, RotatingLog};
+use crate::{console, daemons, readiness};
+
+/// First restart delay; it doubles per quick failure up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A run at least this long resets the delay to `FIRST_BACKOFF`.
+const RESET_AFTER: Duration = Duration::from_secs(60);
+/// How long dockerd waits for containerd's socket before its first start.
+const DEPENDENCY_WAIT: Duration = Duration::from_secs(10);
+const READY_POLL: Duration = Duration::from_millis(200);
+
+/// Errors of this module; each names the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] daemons::Error),
+    #[error("open the log of {0}")]
+    Log(&'static str, #[source] logfile::Error),
+    #[error(transparent)]
+    Child(#[from] children::Error),
+    #[error("share the output pipe of {0}")]
+    Pipe(&'static str, #[source] std::io::Error),
+    #[error("start the supervisor thread of {0}")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// The restart delays: 1 s, 2 s, 4 s ... 30 s, back to 1 s after a run of a minute or more.
+#[derive(Debug)]
+pub struct Backoff {
+    first: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration) -> Backoff {
+        Backoff { first, next: first }
+    }
+
+    /// The delay before the restart that follows a run of length `ran`.
+    pub fn after_run(&mut self, ran: Duration) -> Duration {
+        if ran >= RESET_AFTER {
+            self.next = self.first;
+        }
+        let delay = self.next;
+        self.next = (delay * 2).min(MAX_BACKOFF.max(self.first));
+        delay
+    }
+}
+
+/// How to run one daemon.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    /// A socket that must exist before the first start (dockerd needs containerd's).
+    pub wait_for: Option<PathBuf>,
+    /// A dockerd socket to `/_ping` after each start, announcing when it answers.
+    pub ping: Option<PathBuf>,
+    pub first_backoff: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pid: Option<libc::pid_t>,
+    stopping: bool,
+}
+
+/// One supervised daemon.
+#[derive(Debug)]
+pub struct Service {
+    spec: Spec,
+    state: Mutex<State>,
+    changed: Condvar,
+    log: Mutex<RotatingLog>,
+}
+
+impl Service {
+    /// Opens the daemon's log and starts its supervisor thread.
+    pub fn start(spec: Spec) -> Result<Arc<Service>, Error> {
+        let log = RotatingLog::open(&spec.log, logfile::MAX_BYTES)
+            .map_err(|e| Error::Log(spec.name, e))?;
+        let name = spec.name;
+        let service = Arc::new(Service {
+            spec,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            log: Mutex::new(log),
+        });
+        let run = Arc::clone(&service);
+        std::thread::Builder::new()
+            .name(format!("supervise-{name}"))
+            .spawn(move || run.supervise())
+            .map_err(|e| Error::Thread(name, e))?;
+        Ok(service)
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.spec.name
+    }
+
+    /// The daemon's PID while it runs.
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        self.state().pid
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn supervise(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.spec.first_backoff);
+        if let Some(socket) = &self.spec.wait_for {
+            self.wait_for_socket(socket);
+        }
+        loop {
+            let started = Instant::now();
+            let outcome = match self.run_once() {
+                Ok(None) => return,
+                Ok(Some(watch)) => watch.wait().map(|e| children::describe(e.status)),
+                Err(e) => Some(format!("could not start: {}", console::chain(&e))),
+            };
+            self.state().pid = None;
+            self.changed.notify_all();
+            let delay = backoff.after_run(started.elapsed());
+            if self.state().stopping {
+                return;
+            }
+            console::say(&format!(
+                "{} exited ({}), restarting in {} s",
+                self.spec.name,
+                outcome.as_deref().unwrap_or("unknown status"),
+                delay.as_secs_f64()
+            ));
+            if self.sleep_unless_stopping(delay) {
+                return;
+            }
+        }
+    }
+
+    /// Starts the daemon once; `None` when a stop came first.
+    fn run_once(self: &Arc<Self>) -> Result<Option<ExitWatch>, Error> {
+        let mut state = self.state();
+        if state.stopping {
+            return Ok(None);
+        }
+        let (read, write) = children::pipe()?;
+        let write_err = write
+            .try_clone()
+            .map_err(|e| Error::Pipe(self.spec.name, e))?;
+        let mut cmd = Command::new(&self.spec.program);
+        cmd.args(&self.spec.args)
+            .env_clear()
+            .env("PATH", daemons::PATH)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(write_err));
+        let spawned = children::spawn(&mut cmd)?;
+        // Our copies of the pipe's write end go with `cmd`, so the pump sees the daemon's EOF.
+        drop(cmd);
+        state.pid = Some(spawned.pid);
+        drop(state);
+        self.changed.notify_all();
+        console::say(&format!("started {} (pid {})", self.spec.name, spawned.pid));
+        let header = format!(
+            "--- berth-agent: started {} (pid {}) at uptime {:.3}s ---\n",
+            self.spec.name,
+            spawned.pid,
+            readiness::uptime()
+        );
+        let _ = self.log.lock().map(|mut log| log.write(header.as_bytes()));
+        self.spawn_helpers(File::from(read), spawned.pid);
+        Ok(Some(spawned.exit))
+    }
+
+    /// The log pump for this run and, for dockerd, the readiness probe.
+    fn spawn_helpers(self: &Arc<Self>, output: File, pid: libc::pid_t) {
+        let me = Arc::clone(self);
+        let pump = std::thread::Builder::new()
+            .name(format!("log-{}", self.spec.name))
+            .spawn(move || logfile::pump(output, &me.log));
+        if let Err(e) = pump {
+            console::warn(&format!("{}: no log pump: {e}", self.spec.name));
+        }
+        if let Some(socket) = self.spec.ping.clone() {
+            let me = Arc::clone(self);
+            let probe = std::thread::Builder::new()
+                .name(format!("ready-{}", self.spec.name))
+                .spawn(move || me.announce_ready(&socket, pid));
+            if let Err(e) = probe {
+                console::warn(&format!("{}: no readiness probe: {e}", self.spec.name));
+            }
+        }
+    }
+
+    /// Pings until this run of the daemon answers, then prints `<name> ready uptime=<s>s`.
+    fn announce_ready(&self, socket: &Path, pid: libc::pid_t) {
+        while self.pid() == Some(pid) {
+            if daemons::ping(socket, Duration::from_secs(2)).unwrap_or(false) {
+                console::say(&format!(
+                    "{} ready uptime={:.3}s",
+                    self.spec.name,
+                    readiness::uptime()
+                ));
+                return;
+            }
+            std::thread::sleep(READY_POLL);
+        }
+    }
+
+    fn wait_for_socket(&self, socket: &Path) {
+        let deadline = Instant::now() + DEPENDENCY_WAIT;
+        while !socket.exists() && Instant::now() < deadline && !self.state().stopping {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sleeps `delay` or until a stop; returns whether a stop came.
+    fn sleep_unless_stopping(&self, delay: Duration) -> bool {
+        let state = self.state();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, delay, |s| !s.stopping)
+            .unwrap_or_else(|p| p.into_inner());
+        state.stopping
+    }
+
+    /// Stops supervising, sends SIGTERM and waits up to `grace` for the exit (SIGKILL after
+    /// it). `reap` runs between checks: the caller may be the thread that reaps for PID 1.
+    /// Returns whether the daemon ended within `grace`.
+    pub fn stop(&self, grace: Duration, mut reap: impl FnMut()) -> bool {
+        let pid = {
+            let mut state = self.state();
+            state.stopping = true;
+            state.pid
+        };
+        self.changed.notify_all();
+        let Some(pid) = pid else { return true };
+        console::say(&format!("stopping {} (pid {pid})", self.spec.name));
+        for (sig, wait) in [
+            (libc::SIGTERM, grace),
+            (libc::SIGKILL, Duration::from_secs(2)),
+        ] {
+            // SAFETY: kill(2) on the daemon's PID, which stays ours until its exit is reaped.
+            unsafe { libc::kill(pid, sig) };
+            if self.wait_exited(wait, &mut reap) {
+                return sig == libc::SIGTERM;
+            }
+            if sig == libc::SIGTERM {
+                console::warn(&format!(
+                    "{} did not stop within {} s; killing it",
+                    self.spec.name,
+                    grace.as_secs()
+                ));
+            }
+        }
+        false
+    }
+
+    fn wait_exited(&self, timeout: Duration, reap: &mut impl FnMut()) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            reap();
+            let state = self.state();
+            if state.pid.is_none() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let step = (deadline - now).min(Duration::from_millis(50));
+            drop(self.changed.wait_timeout(state, step));
+        }
+    }
+}
+
+/// containerd and dockerd.
+#[derive(Debug)]
+pub struct Supervisor {
+    pub containerd: Arc<Service>,
+    pub dockerd: Arc<Service>,
+}
+
+impl Supervisor {
+    /// Writes the daemons' configuration and starts containerd, then dockerd (which waits for
+    /// containerd's socket).
+    pub fn start(run_dir: &Path, log_dir: &Path) -> Result<Supervisor, Error> {
+        daemons::write_config(run_dir, log_dir)?;
+        let containerd = Service::start(Spec {
+            name: "containerd",
+            program: daemons::CONTAINERD.into(),
+            args: daemons::containerd_args(run_dir),
+            log: log_dir.join("containerd.log"),
+            wait_for: None,
+            ping: None,
+            first_backoff: FIRST_BACKOFF,
+        })?;
+        let dockerd = Service::start(Spec {
+            name: "dockerd",
+            program: daemons::DOCKERD.into(),
+            args: daemons::dockerd_args(run_dir),
+            log: log_dir.join("dockerd.log"),
+            wait_for: Some(daemons::CONTAINERD_SOCKET.into()),
+            ping: Some(daemons::DOCKER_SOCKET.into()),
+            first_backoff: FIRST_BACKOFF,
+        })?;
+        Ok(Supervisor {
+            containerd,
+            dockerd,
+        })
+    }
+
+    /// dockerd first (it stops the containers, through containerd, within `dockerd_grace`),
+    /// then containerd.
+    pub fn stop(&self, dockerd_grace: Duration, mut reap: impl FnMut()) {
+        for (service, grace) in [
+            (&self.dockerd, dockerd_grace),
+            (&self.containerd, Duration::from_secs(5)),
+        ] {
+            if service.stop(grace, &mut reap) {
+                console::say(&format!("{} stopped", service.name()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_and_resets_after_a_minute() {
+        let mut b = Backoff::new(FIRST_BACKOFF);
+        let quick = Duration::from_secs(3);
+        let secs: Vec<u64> = (0..8).map(|_| b.after_run(quick).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(b.after_run(Duration::from_secs(60)).as_secs(), 1);
+        assert_eq!(b.after_run(Duration::from_secs(59)).as_secs(), 2);
+    }
+
+    fn test_spec(name: &'static str, script: &str, log: &Path) -> Spec {
+        Spec {
+            name,
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            log: log.to_path_buf(),
+            wait_for: None,
+            ping: None,
+            first_backoff: Duration::from_millis(20),
+        }
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_dead_daemon_is_restarted_its_output_logged_and_stop_ends_it() {
+        children::start_test_reaper();
+        let log = std::env::temp_dir().join(format!("berth-agent-sup-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        let service =
+            Service::start(test_spec("fake", "echo hello from $$; exec sleep 30", &log)).unwrap();
+        wait_until("first start", || service.pid().is_some());
+        let first = service.pid().unwrap();
+        // SAFETY: signals the test's own child.
+        unsafe { libc::kill(first, libc::SIGKILL) };
+        wait_until("restart", || service.pid().is_some_and(|p| p != first));
+        let second = service.pid().unwrap();
+        wait_until("both runs logged", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains(&format!("hello from {first}\n"))
+                && text.contains(&format!("hello from {second}\n"))
+        });
+        assert!(service.stop(Duration::from_secs(5), || {}));
+        assert_eq!(service.pid(), None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(service.pid(), None, "not restarted after stop");
+        // SAFETY: probing with signal 0 only checks existence.
+        assert_ne!(unsafe { libc::kill(second, 0) }, 0, "daemon still alive");
+        let _ = std::fs::remove_file(log);
+    }
+
+    #[test]
+    fn a_daemon_ignoring_sigterm_is_killed() {
+        children::start_test_reaper();
+        let log =
+            std::env::temp_dir().join(format!("berth-agent-sup-kill-{}.log", std::process::id()));
+        let script = "trap '' TERM; echo up; while :; do sleep 0.05; done";
+        let service = Service::start(test_spec("stubborn", script, &log)).unwrap();
+        wait_until("output", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("up\n")
+        });
+        assert!(!service.stop(Duration::from_millis(300), || {}));
+        assert_eq!(service.pid(), None);
+        let _ = std::fs::remove_file(log);
+    }
+}
