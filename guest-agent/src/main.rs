@@ -11,16 +11,22 @@ mod bootcount;
 mod children;
 mod config;
 mod console;
+mod control;
 mod daemons;
 mod datadisk;
 mod logfile;
 mod mounts;
 mod network;
 mod power;
+mod pty;
 mod readiness;
 mod reaper;
+mod services;
+mod shell;
 mod signals;
+mod splice;
 mod supervisor;
+mod vsock;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -71,7 +77,15 @@ fn main() {
     ));
     let supervisor = start_engine(booted.config.docker);
     match booted.config.on_ready {
-        OnReady::Stay => serve(&signals, supervisor.as_deref()),
+        OnReady::Stay => {
+            let guest = services::AgentGuest {
+                supervisor: supervisor.clone(),
+            };
+            if let Err(e) = services::start(Arc::new(guest)) {
+                console::error(&format!("vsock services: {}", console::chain(&e)));
+            }
+            serve(&signals, supervisor.as_deref())
+        }
         OnReady::PowerOff => power::shutdown(PowerAction::PowerOff, supervisor.as_deref()),
         OnReady::Reboot => power::shutdown(PowerAction::Reboot, supervisor.as_deref()),
     }

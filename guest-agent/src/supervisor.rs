@@ -108,10 +108,6 @@ impl Service {
         Ok(service)
     }
 
-    pub fn name(&self) -> &'static str {
-        self.spec.name
-    }
-
     /// The daemon's PID while it runs.
     pub fn pid(&self) -> Option<libc::pid_t> {
         self.state().pid
@@ -258,6 +254,7 @@ impl Service {
             // SAFETY: kill(2) on the daemon's PID, which stays ours until its exit is reaped.
             unsafe { libc::kill(pid, sig) };
             if self.wait_exited(wait, &mut reap) {
+                console::say(&format!("{} stopped", self.spec.name));
                 return sig == libc::SIGTERM;
             }
             if sig == libc::SIGTERM {
@@ -332,9 +329,7 @@ impl Supervisor {
             (&self.dockerd, dockerd_grace),
             (&self.containerd, Duration::from_secs(5)),
         ] {
-            if service.stop(grace, &mut reap) {
-                console::say(&format!("{} stopped", service.name()));
-            }
+            service.stop(grace, &mut reap);
         }
     }
 }
