@@ -29,7 +29,7 @@ if [ "$(berth_rig_mode)" = rig ]; then
   exec "$here/../rig/run-in-rig.sh" --timeout 1200 -- "$here/boot.sh" "$@"
 fi
 
-cmdline="root=/dev/vda ro rootfstype=ext4 berth.data=none berth.on_ready=poweroff quiet"
+cmdline="root=/dev/vda ro rootfstype=ext4 berth.data=none berth.docker=off berth.on_ready=poweroff quiet"
 memory=512
 cpus=1
 

@@ -113,7 +113,7 @@ vm() {
   local status=$?
   echo "=== berth-test end $name status=$status ==="
 }
-CMDLINE_BASE="root=/dev/vda ro rootfstype=ext4"
+CMDLINE_BASE="root=/dev/vda ro rootfstype=ext4 berth.docker=off"
 "#;
 
 /// Prepends [`VM_FUNCTION`] to `body`.
