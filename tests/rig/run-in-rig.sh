@@ -46,6 +46,12 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || usage
 
+# The test host puts tmpfs on /tmp, /var/tmp, /run and /dev/shm; a checkout there (CI may clone
+# into /tmp) would vanish inside, so it comes in as a share at its own path.
+case "$repo/" in
+  /tmp/* | /var/tmp/* | /run/* | /dev/shm/*) shares+=("$repo") ;;
+esac
+
 qemu=qemu-system-x86_64
 if ! command -v "$qemu" >/dev/null; then
   [ "$(id -u)" = 0 ] || die "$qemu is missing: apt-get install qemu-system-x86 (tests/setup.sh does)"
