@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# End to end on a VM host (this machine with hardware KVM, else the nested rig's test host): the
+# unmodified docker CLI drives dockerd in a Berth VM through `berth start` and the host proxy.
+# Each check prints `ok NAME` or `FAIL NAME` followed by its output; tests/tests/docker.rs reads
+# them. Needs the BERTH_* variables of tests/setup.sh.
+set -uo pipefail
+
+bin=$(dirname "$BERTH_VMM")
+export PATH=$bin:$PATH
+export BERTH_HOME=${TMPDIR:-/tmp}/berth-e2e-home
+export BERTH_CONFIG=$BERTH_HOME/config.toml
+export DOCKER_CONFIG=$BERTH_HOME/docker-config
+export BERTH_HOST_PROXY=$bin/berth-host-proxy
+export DOCKER_BUILDKIT=0
+rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
+work=$(mktemp -d)
+
+check() {
+  local name=$1; shift
+  local out status
+  out=$("$@" 2>&1); status=$?
+  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; fi
+  printf '%s\n' "$out" | sed 's/^/  | /'
+  return "$status"
+}
+
+check config berth config set cpus 2
+berth config set memory_mib 1024 >/dev/null
+berth config set disk_size_gib 8 >/dev/null
+check start berth start --timeout 600 --no-docker-context || {
+  echo "--- console"; tail -n 80 "$BERTH_HOME/logs/console.log"
+  echo "--- host-proxy"; tail -n 40 "$BERTH_HOME/logs/host-proxy.log"
+  exit 1
+}
+check start-again berth start
+export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
+
+check version docker version --format 'server {{.Server.Version}} os {{.Server.Os}}'
+check info docker info --format 'kernel {{.KernelVersion}} driver {{.Driver}} cgroup {{.CgroupVersion}}'
+
+# An image made offline from Debian's busybox-static: no registry is reachable.
+mkdir -p "$work/rootfs/bin" "$work/rootfs/tmp"
+cp /bin/busybox "$work/rootfs/bin/busybox"
+for applet in sh echo cat sleep tty ls wc sha256sum head; do ln -s busybox "$work/rootfs/bin/$applet"; done
+check import sh -c "tar -C '$work/rootfs' -c . | docker import - berth-test/busybox:latest"
+
+check run-rm docker run --rm berth-test/busybox echo hello-from-a-container
+id=$(docker run -d berth-test/busybox sh -c 'i=0; while :; do echo tick $i; i=$((i+1)); sleep 1; done')
+check run-d test -n "$id"
+check ps sh -c "docker ps --no-trunc --format '{{.ID}}' | grep -x '$id'"
+sleep 3
+check logs sh -c "docker logs '$id' | grep 'tick 1'"
+check exec docker exec "$id" sh -c 'echo exec-answer $((6 * 7))'
+check stop docker stop -t 1 "$id"
+check rm docker rm "$id"
+check gone sh -c "! docker ps -a --format '{{.ID}}' | grep -q '${id:0:12}'"
+
+# -it through a real pseudo-terminal: `script` gives docker a tty on the host side.
+check run-it script -qec "docker run -it --rm berth-test/busybox sh -c 'tty; echo tty-answer \$((2 + 3))'" /dev/null
+
+# docker build of a Dockerfile FROM scratch.
+mkdir -p "$work/build"
+cp /bin/busybox "$work/build/busybox"
+cat > "$work/build/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY busybox /bin/busybox
+CMD ["/bin/busybox", "echo", "built-from-scratch"]
+DOCKERFILE
+check build docker build -q -t berth-test/scratch "$work/build"
+check run-built docker run --rm berth-test/scratch
+
+# A volume's data survives berth stop and berth start.
+token=persisted-$RANDOM-$RANDOM
+check volume-create docker volume create berth-test-volume
+check volume-write docker run --rm -v berth-test-volume:/data berth-test/busybox sh -c "echo $token > /data/token && cat /data/token"
+check stop-vm berth stop
+check status-stopped berth status
+check restart-vm berth start --timeout 600 --no-docker-context
+check volume-read sh -c "docker run --rm -v berth-test-volume:/data berth-test/busybox cat /data/token | grep -x $token"
+check status-json berth status --json
+check final-stop berth stop
+check stop-again berth stop
+rm -rf "$work"
