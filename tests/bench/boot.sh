@@ -60,8 +60,8 @@ for i in $(seq "$runs"); do
   echo "bench: run $i: berth-vmm $o, qemu $q"
 done
 if [ ${#ours_ms[@]} -gt 0 ] && [ ${#qemu_ms[@]} -gt 0 ]; then
-  read -r om omin < <(stats "${ours_ms[@]}")
-  read -r qm qmin < <(stats "${qemu_ms[@]}")
+  read -r om omin <<< "$(stats "${ours_ms[@]}")"
+  read -r qm qmin <<< "$(stats "${qemu_ms[@]}")"
   printf 'bench: berth-vmm  median %6d ms  min %6d ms  (%d runs)\n' "$om" "$omin" "${#ours_ms[@]}"
   printf 'bench: qemu       median %6d ms  min %6d ms  (%d runs)\n' "$qm" "$qmin" "${#qemu_ms[@]}"
   awk -v o="$om" -v q="$qm" 'BEGIN { printf "bench: ratio berth-vmm/qemu (medians) %.2f\n", o / q }'

@@ -33,6 +33,8 @@ mnt -t proc proc /proc
 mnt -t sysfs sysfs /sys
 mnt -t devtmpfs -o mode=0755 devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
+# devtmpfs has no /dev/fd; bash process substitution and many tools need it.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mnt -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
 mnt -t tmpfs -o mode=1777 tmpfs /dev/shm
 mnt -t tmpfs -o mode=0755 tmpfs /run
