@@ -24,25 +24,47 @@ pub const MAX_FRAME: u32 = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Hello { protocol_version: u32 },
+    Hello {
+        protocol_version: u32,
+    },
     /// Is dockerd answering?
     Health,
     /// What the guest uses: memory, disk, load.
     Stats,
     /// Stop containers, sync, unmount, power off. Answered with `Ack` before it starts.
-    Shutdown { timeout_secs: u32 },
+    Shutdown {
+        timeout_secs: u32,
+    },
     /// Set the guest's wall clock (after the host slept), in nanoseconds since the epoch.
-    SetClock { unix_nanos: u64 },
+    SetClock {
+        unix_nanos: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Hello { protocol_version: u32, agent_version: String, uptime_ms: u64 },
-    Health { dockerd: bool, containerd: bool, detail: String },
-    Stats { mem_total_kib: u64, mem_available_kib: u64, disk_total_kib: u64, disk_used_kib: u64, load_avg_1m: String },
+    Hello {
+        protocol_version: u32,
+        agent_version: String,
+        uptime_ms: u64,
+    },
+    Health {
+        dockerd: bool,
+        containerd: bool,
+        detail: String,
+    },
+    Stats {
+        mem_total_kib: u64,
+        mem_available_kib: u64,
+        disk_total_kib: u64,
+        disk_used_kib: u64,
+        load_avg_1m: String,
+    },
     Ack,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// The first frame on `SHELL_PORT`.
@@ -110,10 +132,14 @@ mod tests {
     fn messages_round_trip_through_frames() {
         let mut wire = Vec::new();
         let msgs = vec![
-            Request::Hello { protocol_version: PROTOCOL_VERSION },
+            Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+            },
             Request::Health,
             Request::Shutdown { timeout_secs: 10 },
-            Request::SetClock { unix_nanos: 1_700_000_000_123_456_789 },
+            Request::SetClock {
+                unix_nanos: 1_700_000_000_123_456_789,
+            },
         ];
         for m in &msgs {
             write_frame(&mut wire, m).unwrap();
@@ -136,13 +162,25 @@ mod tests {
     #[test]
     fn hostile_frames_are_refused() {
         let huge = (MAX_FRAME + 1).to_be_bytes();
-        assert!(matches!(read_frame::<Request>(&mut huge.as_slice()), Err(Error::FrameTooLarge(_))));
+        assert!(matches!(
+            read_frame::<Request>(&mut huge.as_slice()),
+            Err(Error::FrameTooLarge(_))
+        ));
         let mut truncated = vec![0, 0, 0, 10];
         truncated.extend_from_slice(b"{\"ty");
-        assert!(matches!(read_frame::<Request>(&mut truncated.as_slice()), Err(Error::Io(_))));
+        assert!(matches!(
+            read_frame::<Request>(&mut truncated.as_slice()),
+            Err(Error::Io(_))
+        ));
         let mut garbage = Vec::new();
         write_frame(&mut garbage, &"not a request").unwrap();
-        assert!(matches!(read_frame::<Request>(&mut garbage.as_slice()), Err(Error::Decode(_))));
-        assert!(matches!(read_frame::<Request>(&mut [0u8, 0].as_slice()), Err(Error::Io(_))));
+        assert!(matches!(
+            read_frame::<Request>(&mut garbage.as_slice()),
+            Err(Error::Decode(_))
+        ));
+        assert!(matches!(
+            read_frame::<Request>(&mut [0u8, 0].as_slice()),
+            Err(Error::Io(_))
+        ));
     }
 }

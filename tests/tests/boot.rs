@@ -49,7 +49,10 @@ fn run(name: &str) -> (&'static VmRun, &'static str) {
     let s = session();
     match s.runs.get(name) {
         Some(run) => (run, &s.output),
-        None => panic!("the VM run {name:?} did not finish on the VM host\n{}", s.output),
+        None => panic!(
+            "the VM run {name:?} did not finish on the VM host\n{}",
+            s.output
+        ),
     }
 }
 
@@ -154,7 +157,14 @@ fn invalid_configurations_fail_fast_with_one_line() {
     let missing_disk = "/nonexistent/berth/disk.img";
     assert!(!Path::new(missing_disk).exists());
     assert_refused(
-        &["--kernel", kernel, "--disk", &rootfs, "--disk", missing_disk],
+        &[
+            "--kernel",
+            kernel,
+            "--disk",
+            &rootfs,
+            "--disk",
+            missing_disk,
+        ],
         "unreadable disk",
     );
 }

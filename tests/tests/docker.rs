@@ -16,7 +16,11 @@ fn checks(stdout: &str) -> HashMap<String, (bool, String)> {
             .map(|rest| (true, rest))
             .or_else(|| line.strip_prefix("FAIL ").map(|rest| (false, rest)));
         if let Some((ok, rest)) = verdict {
-            let name = rest.split_whitespace().next().unwrap_or_default().to_owned();
+            let name = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             checks.insert(name.clone(), (ok, String::new()));
             current = Some(name);
         } else if let (Some(name), Some(out)) = (&current, line.strip_prefix("  | ")) {
@@ -41,7 +45,10 @@ fn docker_cli_drives_dockerd_in_the_vm() {
             .get(name)
             .unwrap_or_else(|| panic!("step {name} never ran; output above"));
         assert!(ok, "step {name} failed:\n{text}");
-        assert!(text.contains(needle), "step {name}: expected {needle:?} in:\n{text}");
+        assert!(
+            text.contains(needle),
+            "step {name}: expected {needle:?} in:\n{text}"
+        );
     };
     expect("start", "Berth is running");
     expect("start-again", "already running");
@@ -62,8 +69,21 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("status-json", "\"running\": true");
     expect("final-stop", "");
     expect("stop-again", "not running");
-    for step in ["config", "run-d", "ps", "stop", "rm", "gone", "volume-create", "restart-vm"] {
+    for step in [
+        "config",
+        "run-d",
+        "ps",
+        "stop",
+        "rm",
+        "gone",
+        "volume-create",
+        "restart-vm",
+    ] {
         expect(step, "");
     }
-    assert!(output.status.success(), "the VM host script failed: {}", output.status);
+    assert!(
+        output.status.success(),
+        "the VM host script failed: {}",
+        output.status
+    );
 }
