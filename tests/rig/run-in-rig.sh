@@ -145,7 +145,7 @@ boot_test_host() {
 
 # The emulated test host itself sometimes dies (seen: an int3 oops at a kernel text-patching site
 # under multi-threaded TCG, about once in tens of nested VM starts). That is the emulator's fault,
-# not a result of the command, so such a run is repeated once, loudly. A timeout is not retried.
+# not a result of the command, so such a run is repeated (up to three attempts), loudly. A timeout is not retried.
 attempt=1
 while :; do
   result=0
@@ -155,8 +155,8 @@ while :; do
     exit 124
   fi
   [ "$result" = 0 ] && break
-  if [ "$attempt" -ge 2 ]; then
-    die "the test host stopped without an exit status from the command (QEMU status $qemu_status, ${elapsed}s), twice: it did not boot or it crashed; see its console above"
+  if [ "$attempt" -ge 3 ]; then
+    die "the test host stopped without an exit status from the command (QEMU status $qemu_status, ${elapsed}s), three times: it did not boot or it crashed; see its console above"
   fi
   echo "run-in-rig: WARNING: the test host died without the command's status (QEMU status $qemu_status, ${elapsed}s); running the command once more in a fresh test host" >&2
   attempt=$((attempt + 1))
