@@ -35,27 +35,50 @@ pub(crate) struct TestQueue {
     notify: EventFd,
     next_desc: u16,
     used_seen: u16,
+    /// Whether [`wait_used`](Self::wait_used) also waits for (and acknowledges) the interrupt;
+    /// not with a shared interrupt, where another queue's wait may have acknowledged it.
+    own_interrupt: bool,
 }
 
 impl TestQueue {
     pub(crate) fn new() -> Self {
         // Leaked so that the mock queue can borrow it for the whole test.
         let mem: &'static GuestMemory = Box::leak(Box::new(guest_memory()));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        Self {
+            own_interrupt: true,
+            ..Self::at(mem, interrupt, GuestAddress(0))
+        }
+    }
+
+    /// One of several queues of a device: its rings at `start` in `mem` (keep them below
+    /// [`DATA`], 64 KiB apart), sharing the device's `interrupt`.
+    pub(crate) fn at(
+        mem: &'static GuestMemory,
+        interrupt: Arc<Interrupt>,
+        start: GuestAddress,
+    ) -> Self {
         Self {
             mem,
-            mock: MockSplitQueue::new(mem, QUEUE_LEN),
-            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            mock: MockSplitQueue::create(mem, start, QUEUE_LEN),
+            interrupt,
             notify: EventFd::new(EFD_NONBLOCK).unwrap(),
             next_desc: 0,
             used_seen: 0,
+            own_interrupt: false,
         }
+    }
+
+    /// The queue and its notification event, as `VirtioDevice::activate` takes them.
+    pub(crate) fn queue_and_event(&self, event_idx: bool) -> (Queue, EventFd) {
+        let mut queue: Queue = self.mock.create_queue().unwrap();
+        queue.set_event_idx(event_idx);
+        (queue, self.notify.try_clone().unwrap())
     }
 
     /// Activates `device` on this queue.
     pub(crate) fn activate(&self, device: &mut dyn VirtioDevice, event_idx: bool) {
-        let mut queue: Queue = self.mock.create_queue().unwrap();
-        queue.set_event_idx(event_idx);
-        let queues = vec![(queue, self.notify.try_clone().unwrap())];
+        let queues = vec![self.queue_and_event(event_idx)];
         device
             .activate(self.mem.clone(), self.interrupt.clone(), queues)
             .unwrap();
@@ -103,7 +126,18 @@ impl TestQueue {
     pub(crate) fn kick(&mut self, count: u16) -> Vec<(u32, u32)> {
         // Like Linux's virtqueue_enable_cb: interrupt me once the next chain is used.
         self.set_used_event(self.used_seen);
+        self.notify();
+        self.wait_used(count)
+    }
+
+    /// Notifies the device without waiting.
+    pub(crate) fn notify(&self) {
         self.notify.write(1).unwrap();
+    }
+
+    /// Waits until the device has used `count` more chains (on its own, or after a
+    /// [`notify`](Self::notify)) and returns their used elements as `(head, len)`.
+    pub(crate) fn wait_used(&mut self, count: u16) -> Vec<(u32, u32)> {
         let target = self.used_seen + count;
         wait_for(
             || self.mock.used().idx().load() >= target,
@@ -127,6 +161,9 @@ impl TestQueue {
             })
             .collect();
         self.used_seen = target;
+        if !self.own_interrupt {
+            return used;
+        }
         wait_for(
             || self.interrupt.status() & INT_USED_RING != 0,
             "the used-ring interrupt",
