@@ -65,14 +65,28 @@ make -s -C "$src" O="$obj" olddefconfig >&2
 
 # Every option a fragment sets must have survived olddefconfig: a dropped one means a missing
 # dependency, and a kernel silently without it is worse than a failed build.
-missing=()
+# A later fragment may override an earlier one (merge_config.sh's rule), so only the last word on
+# each option is checked.
+declare -A wanted=()
+order=()
 for frag in "${fragments[@]}"; do
   while IFS= read -r line; do
     case "$line" in
-      CONFIG_*=*) grep -qxF "$line" "$obj/.config" || missing+=("$line (have: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo unset))") ;;
-      "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *}; grep -qx "$opt=y" "$obj/.config" && missing+=("$line (have: $opt=y)") ;;
+      CONFIG_*=*) opt=${line%%=*} ;;
+      "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *} ;;
+      *) continue ;;
     esac
+    [ -n "${wanted[$opt]+set}" ] || order+=("$opt")
+    wanted[$opt]=$line
   done < "$frag"
+done
+missing=()
+for opt in "${order[@]}"; do
+  line=${wanted[$opt]}
+  case "$line" in
+    CONFIG_*=*) grep -qxF "$line" "$obj/.config" || missing+=("$line (have: $(grep -E "^(# )?$opt[= ]" "$obj/.config" || echo unset))") ;;
+    *) grep -qx "$opt=y" "$obj/.config" && missing+=("$line (have: $opt=y)") ;;
+  esac
 done
 while read -r flag; do
   grep -qx "CONFIG_$flag=y" "$obj/.config" || missing+=("CONFIG_$flag=y (docker-flags.txt)")
