@@ -1,0 +1,89 @@
+//! The docker CLI on the host drives dockerd in a Berth VM: `berth start`, images made offline,
+//! run/ps/logs/exec/stop/rm, `run -it` through a pty, `build` FROM scratch, a volume that
+//! survives `berth stop` + `berth start`. One VM-host session runs tests/e2e/docker.sh; this
+//! checks every step it reports.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Each check's verdict and output, from the script's `ok NAME` / `FAIL NAME` lines.
+fn checks(stdout: &str) -> HashMap<String, (bool, String)> {
+    let mut checks = HashMap::new();
+    let mut current: Option<String> = None;
+    for line in stdout.lines() {
+        let verdict = line
+            .strip_prefix("ok ")
+            .map(|rest| (true, rest))
+            .or_else(|| line.strip_prefix("FAIL ").map(|rest| (false, rest)));
+        if let Some((ok, rest)) = verdict {
+            let name = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            checks.insert(name.clone(), (ok, String::new()));
+            current = Some(name);
+        } else if let (Some(name), Some(out)) = (&current, line.strip_prefix("  | ")) {
+            if let Some((_, text)) = checks.get_mut(name) {
+                text.push_str(out);
+                text.push('\n');
+            }
+        }
+    }
+    checks
+}
+
+#[test]
+fn docker_cli_drives_dockerd_in_the_vm() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/docker.sh");
+    let output = berth_tests::run_in_vm_host(&format!("bash {}", script.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    let checks = checks(&stdout);
+    let expect = |name: &str, needle: &str| {
+        let (ok, text) = checks
+            .get(name)
+            .unwrap_or_else(|| panic!("step {name} never ran; output above"));
+        assert!(ok, "step {name} failed:\n{text}");
+        assert!(
+            text.contains(needle),
+            "step {name}: expected {needle:?} in:\n{text}"
+        );
+    };
+    expect("start", "Berth is running");
+    expect("start-again", "already running");
+    expect("version", "os linux");
+    expect("info", "cgroup 2");
+    expect("import", "sha256:");
+    expect("run-rm", "hello-from-a-container");
+    expect("logs", "tick 1");
+    expect("exec", "exec-answer 42");
+    expect("run-it", "tty-answer 5");
+    expect("run-it", "/dev/pts/");
+    expect("build", "sha256:");
+    expect("run-built", "built-from-scratch");
+    expect("volume-write", "persisted-");
+    expect("stop-vm", "");
+    expect("status-stopped", "not running");
+    expect("volume-read", "persisted-");
+    expect("status-json", "\"running\": true");
+    expect("final-stop", "");
+    expect("stop-again", "not running");
+    for step in [
+        "config",
+        "run-d",
+        "ps",
+        "stop",
+        "rm",
+        "gone",
+        "volume-create",
+        "restart-vm",
+    ] {
+        expect(step, "");
+    }
+    assert!(
+        output.status.success(),
+        "the VM host script failed: {}",
+        output.status
+    );
+}
