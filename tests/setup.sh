@@ -4,7 +4,7 @@
 #
 #   eval "$(tests/setup.sh)"      # or: tests/setup.sh >/dev/null && . ~/.cache/berth/env.sh
 #
-#   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER  release binaries
+#   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER, BERTH_VSOCK_STRESS  release binaries
 #   BERTH_KERNEL            the guest kernel (PVH vmlinux)
 #   BERTH_ROOTFS            the read-only root image (ext4)
 #   BERTH_TEST_HOST_KERNEL  the nested rig's kernel (vmlinux)
@@ -54,7 +54,7 @@ fi
 target=${CARGO_TARGET_DIR:-$repo/target}
 case "$target" in /*) ;; *) target=$repo/$target ;; esac
 (cd "$repo" && cargo build --release --workspace --bins >&2)
-for bin in berth-vmm berth-agent boot-timer; do
+for bin in berth-vmm berth-agent boot-timer vsock-stress; do
   [ -x "$target/release/$bin" ] || die "cargo build did not produce $target/release/$bin"
 done
 phase "cargo build"
@@ -80,6 +80,7 @@ env_file=$CACHE/env.sh
   printf 'export BERTH_VMM=%q\n' "$target/release/berth-vmm"
   printf 'export BERTH_AGENT=%q\n' "$target/release/berth-agent"
   printf 'export BERTH_BOOT_TIMER=%q\n' "$target/release/boot-timer"
+  printf 'export BERTH_VSOCK_STRESS=%q\n' "$target/release/vsock-stress"
   printf 'export BERTH_KERNEL=%q\n' "$guest_kernel/vmlinux"
   printf 'export BERTH_ROOTFS=%q\n' "$rootfs"
   printf 'export BERTH_TEST_HOST_KERNEL=%q\n' "$test_host_kernel/vmlinux"

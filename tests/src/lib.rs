@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Env {
     pub vmm: PathBuf,
+    /// `vsock-stress`, the virtio-vsock stress tool (host and guest roles).
+    pub vsock_stress: PathBuf,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     /// `rig` or `direct`.
@@ -41,6 +43,7 @@ fn existing(name: &str) -> PathBuf {
 pub fn env() -> Env {
     Env {
         vmm: existing("BERTH_VMM"),
+        vsock_stress: existing("BERTH_VSOCK_STRESS"),
         kernel: existing("BERTH_KERNEL"),
         rootfs: existing("BERTH_ROOTFS"),
         rig_mode: var("BERTH_RIG_MODE"),
