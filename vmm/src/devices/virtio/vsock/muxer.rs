@@ -59,6 +59,9 @@ pub struct Muxer {
     rx_queued: HashSet<Key>,
     /// Resets for guest packets that match no connection.
     resets: VecDeque<Header>,
+    /// The listener is out of the epoll because accept ran out of file descriptors; it is put
+    /// back when a connection goes away (else the level-triggered listener would spin).
+    listener_paused: bool,
 }
 
 fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
@@ -100,6 +103,7 @@ impl Muxer {
             rx_order: VecDeque::new(),
             rx_queued: HashSet::new(),
             resets: VecDeque::new(),
+            listener_paused: false,
         };
         let fd = muxer.listener.as_raw_fd();
         muxer.watch(fd, EventSet::IN).map_err(Error::Epoll)?;
@@ -116,6 +120,7 @@ impl Muxer {
         self.rx_order.clear();
         self.rx_queued.clear();
         self.resets.clear();
+        self.resume_listener();
     }
 
     pub fn path(&self) -> &Path {
@@ -218,12 +223,42 @@ impl Muxer {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // The client stays in the backlog until a descriptor is free again.
+                    warn_rate_limited!(
+                        "vsock: out of file descriptors with {} connections; new host connections on {} wait",
+                        self.conns.len(),
+                        self.path.display()
+                    );
+                    self.pause_listener();
+                    return;
+                }
                 Err(e) => {
-                    tracing::warn!("vsock accept on {} failed: {e}", self.path.display());
+                    warn_rate_limited!("vsock accept on {} failed: {e}", self.path.display());
                     return;
                 }
             }
         }
+    }
+
+    fn pause_listener(&mut self) {
+        let fd = self.listener.as_raw_fd();
+        let paused = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        self.listener_paused = paused.is_ok();
+    }
+
+    /// A descriptor was freed: a paused listener may accept again.
+    fn resume_listener(&mut self) {
+        if self.listener_paused && self.watch(self.listener.as_raw_fd(), EventSet::IN).is_ok() {
+            self.listener_paused = false;
+        }
+    }
+
+    /// True while new host connections wait for a free file descriptor.
+    pub fn listener_paused(&self) -> bool {
+        self.listener_paused
     }
 
     fn read_connect(&mut self, fd: RawFd) {
@@ -243,7 +278,8 @@ impl Muxer {
         };
         self.fds.remove(&fd);
         let Some(peer_port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
-            return; // dropping the stream closes it
+            drop(stream); // closes it
+            return self.resume_listener();
         };
         let local_port = self.allocate_local_port();
         let mut conn = Connection::new_local(stream, local_port, peer_port);
@@ -286,6 +322,8 @@ impl Muxer {
         if let Some(conn) = self.conns.remove(&key) {
             self.fds.remove(&conn.stream.as_raw_fd());
             self.local_ports.remove(&key.0);
+            drop(conn);
+            self.resume_listener();
         }
     }
 
@@ -741,6 +779,92 @@ mod tests {
         let (mut good, _) = host_connect(&mut guest, 13);
         good.write_all(b"x").unwrap();
         assert_eq!(guest.recv_op(Op::Rw).1, b"x");
+    }
+
+    fn open_fds() -> Vec<i32> {
+        let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        fds
+    }
+
+    fn set_nofile(soft: u64) {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit on a valid rlimit.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+            lim.rlim_cur = soft;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+
+    const FD_CHILD_ENV: &str = "BERTH_VSOCK_FD_LIMIT_CHILD";
+    const FD_TEST: &str = "running_out_of_descriptors_pauses_the_listener_instead_of_spinning";
+
+    /// At the open-file limit the level-triggered listener used to wake the worker forever
+    /// (a busy loop with a warning each time). Runs in a child process: the limit is per process.
+    #[test]
+    fn running_out_of_descriptors_pauses_the_listener_instead_of_spinning() {
+        if std::env::var_os(FD_CHILD_ENV).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([FD_TEST, "--test-threads=1", "--nocapture"])
+                .env(FD_CHILD_ENV, "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{text}");
+            assert!(
+                text.contains("1 passed"),
+                "the child did not run it:\n{text}"
+            );
+            return;
+        }
+        let mut guest = Guest::new();
+        let (_first, first_local) = host_connect(&mut guest, 100);
+        // Fill every descriptor below the new limit, then free exactly one.
+        set_nofile(*open_fds().iter().max().unwrap() as u64 + 8);
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        filler.pop();
+        // The client takes the last descriptor: the muxer cannot accept it.
+        let mut waiting = UnixStream::connect(guest.muxer.path()).unwrap();
+        waiting.write_all(b"CONNECT 101\n").unwrap();
+        for _ in 0..3 {
+            guest.muxer.process_host_events();
+        }
+        assert!(guest.muxer.listener_paused());
+        let mut pfd = libc::pollfd {
+            fd: guest.muxer.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        assert_eq!(
+            ready, 0,
+            "the muxer's epoll must not stay readable (the worker would spin)"
+        );
+        assert!(guest.recv().is_none());
+        // The guest resets the first connection: its descriptor is freed and the waiting
+        // client is served.
+        guest.send(Op::Rst, 100, first_local, 0, b"");
+        let (req, _) = guest.recv_op(Op::Request);
+        assert_eq!(req.dst_port, 101);
+        // Still at the limit (accept needs a free descriptor even with nobody waiting): paused
+        // again, and quiet.
+        guest.muxer.process_host_events();
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0);
     }
 
     #[test]
