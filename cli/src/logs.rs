@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use berth_host_proxy::lock::{self, Status};
-use berth_host_proxy::{control, Layout};
+use berth_host_proxy::Layout;
 use berth_protocol::ShellRequest;
-use tokio::io::AsyncReadExt;
 
-use crate::lifecycle::{runtime, CONTROL_TIMEOUT};
+use crate::shell;
 
 /// Where the guest agent writes dockerd's output.
 const DOCKERD_LOG: &str = "/var/log/berth/dockerd.log";
@@ -120,21 +119,13 @@ fn dockerd_log(layout: &Layout, args: &LogsArgs) -> anyhow::Result<()> {
         cols: 0,
         term: String::new(),
     };
-    runtime()?.block_on(async {
-        let mut stream = control::open_shell(&layout.vsock_socket(), &request, CONTROL_TIMEOUT)
-            .await
-            .context("cannot reach the guest's shell service")?;
-        let mut out = std::io::stdout().lock();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            out.write_all(&buf[..n])?;
-            out.flush()?;
-        }
-    })
+    let mut stream = shell::connect(layout, &request)?;
+    berth_protocol::write_shell_frame(&mut stream, &berth_protocol::ShellFrame::StdinEnd)
+        .context("cannot talk to the guest's shell service")?;
+    match shell::print_output(stream)? {
+        0 => Ok(()),
+        code => bail!("reading {DOCKERD_LOG} in the guest failed (tail exited with status {code})"),
+    }
 }
 
 #[cfg(test)]

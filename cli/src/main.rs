@@ -75,7 +75,11 @@ fn main() -> ExitCode {
         .and_then(|()| lifecycle::start(&start)),
         Command::Status(args) => status::status(&args),
         Command::Logs(args) => logs::logs(&args),
-        Command::Shell(args) => shell::shell(&args),
+        Command::Shell(args) => match shell::shell(&args) {
+            // The command's own status, as a shell would report it.
+            Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(255)),
+            Err(e) => Err(e),
+        },
         Command::Config(cmd) => config_command(cmd),
     };
     match result {

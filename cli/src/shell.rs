@@ -1,17 +1,15 @@
 //! `berth shell [-- CMD...]`: a shell (or one command) in the VM over the guest's shell port,
-//! with the local terminal in raw mode when stdin is one.
-//!
-//! The protocol has no exit-status frame yet, so `berth shell` exits 0 whenever the session
-//! ends normally, whatever the remote command returned.
+//! with the local terminal in raw mode and its size followed when stdin is one. stdout and
+//! stderr stay apart, and `berth shell` exits with the command's status.
 
 use std::io::{IsTerminal, Read, Write};
-use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use berth_host_proxy::lock::{self, Status};
 use berth_host_proxy::{control, Layout};
-use berth_protocol::ShellRequest;
+use berth_protocol::{read_shell_frame, write_shell_frame, ShellFrame, ShellRequest, MAX_DATA};
 
 use crate::lifecycle::{runtime, CONTROL_TIMEOUT};
 use crate::terminal::{self, RawMode};
@@ -23,11 +21,9 @@ pub struct ShellArgs {
     pub command: Vec<String>,
 }
 
-pub fn shell(args: &ShellArgs) -> anyhow::Result<()> {
+/// Runs the session; returns the command's exit status.
+pub fn shell(args: &ShellArgs) -> anyhow::Result<i32> {
     let layout = Layout::from_env()?;
-    if lock::probe(&layout)? == Status::Stopped {
-        bail!("Berth is not running (`berth start` first)");
-    }
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let (rows, cols) = terminal::size();
     let request = ShellRequest {
@@ -37,8 +33,33 @@ pub fn shell(args: &ShellArgs) -> anyhow::Result<()> {
         cols,
         term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
     };
-    let stream = runtime()?.block_on(async {
-        let stream = control::open_shell(&layout.vsock_socket(), &request, CONTROL_TIMEOUT)
+    let stream = connect(&layout, &request)?;
+    let raw = if tty {
+        RawMode::enable().context("cannot put the terminal in raw mode")?
+    } else {
+        None
+    };
+    let to_guest = Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .context("cannot share the shell stream")?,
+    ));
+    forward_stdin(Arc::clone(&to_guest));
+    if tty {
+        forward_resizes(to_guest)?;
+    }
+    let result = print_output(stream);
+    drop(raw);
+    result
+}
+
+/// Opens a session in the running VM: the stream after the `ShellRequest`, blocking.
+pub fn connect(layout: &Layout, request: &ShellRequest) -> anyhow::Result<UnixStream> {
+    if lock::probe(layout)? == Status::Stopped {
+        bail!("Berth is not running (`berth start` first)");
+    }
+    runtime()?.block_on(async {
+        let stream = control::open_shell(&layout.vsock_socket(), request, CONTROL_TIMEOUT)
             .await
             .context("cannot reach the guest's shell service")?;
         let stream = stream
@@ -48,50 +69,102 @@ pub fn shell(args: &ShellArgs) -> anyhow::Result<()> {
             .set_nonblocking(false)
             .context("cannot take over the shell stream")?;
         anyhow::Ok(stream)
-    })?;
-    let raw = if tty {
-        RawMode::enable().context("cannot put the terminal in raw mode")?
-    } else {
-        None
-    };
-    let result = relay(stream);
-    drop(raw);
-    result
+    })
 }
 
-/// Copies stdin to the guest (half-closing at EOF) and the guest to stdout until it closes.
-fn relay(stream: UnixStream) -> anyhow::Result<()> {
-    let mut to_guest = stream
-        .try_clone()
-        .context("cannot share the shell stream")?;
-    // Not joined: at the end of the session it may still be blocked reading the terminal.
+fn send(to_guest: &Mutex<UnixStream>, frame: &ShellFrame) -> bool {
+    let mut s = to_guest.lock().unwrap_or_else(|p| p.into_inner());
+    write_shell_frame(&mut *s, frame).is_ok()
+}
+
+/// Copies stdin to the guest, then says it ended. Not joined: at the end of the session it may
+/// still be blocked reading the terminal.
+fn forward_stdin(to_guest: Arc<Mutex<UnixStream>>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; MAX_DATA];
         loop {
             match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
                 Ok(n) => {
-                    if to_guest.write_all(&buf[..n]).is_err() {
+                    if !send(&to_guest, &ShellFrame::Stdin(buf[..n].to_vec())) {
                         return;
                     }
                 }
             }
         }
-        let _ = to_guest.shutdown(Shutdown::Write);
+        send(&to_guest, &ShellFrame::StdinEnd);
     });
-    let mut from_guest = stream;
+}
+
+/// Sends the terminal's size to the guest each time it changes (SIGWINCH).
+fn forward_resizes(to_guest: Arc<Mutex<UnixStream>>) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])
+        .context("cannot watch the terminal's size")?;
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let (rows, cols) = terminal::size();
+            if !send(&to_guest, &ShellFrame::Resize { rows, cols }) {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Writes the session's stdout and stderr where they belong until its exit status arrives.
+pub fn print_output(mut from_guest: UnixStream) -> anyhow::Result<i32> {
     let mut stdout = std::io::stdout().lock();
-    let mut buf = [0u8; 16 * 1024];
     loop {
-        let n = match from_guest.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
-            Err(e) => return Err(e).context("shell connection"),
-        };
-        stdout.write_all(&buf[..n])?;
-        stdout.flush()?;
+        let frame = read_shell_frame(&mut from_guest).context("shell session")?;
+        match frame {
+            Some(ShellFrame::Stdout(data)) => {
+                stdout.write_all(&data)?;
+                stdout.flush()?;
+            }
+            Some(ShellFrame::Stderr(data)) => {
+                stdout.flush()?;
+                let mut stderr = std::io::stderr().lock();
+                stderr.write_all(&data)?;
+                stderr.flush()?;
+            }
+            Some(ShellFrame::Exit(code)) => return Ok(code),
+            Some(other) => bail!("shell session: the guest sent {other:?}"),
+            None => bail!("the shell session ended without an exit status (did the VM stop?)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_sends(frames: &[ShellFrame]) -> anyhow::Result<i32> {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        for f in frames {
+            write_shell_frame(&mut guest, f).unwrap();
+        }
+        drop(guest);
+        print_output(host)
+    }
+
+    #[test]
+    fn the_session_ends_with_the_commands_exit_status() {
+        let frames = [
+            ShellFrame::Stdout(b"out\n".to_vec()),
+            ShellFrame::Stderr(b"err\n".to_vec()),
+            ShellFrame::Exit(3),
+        ];
+        assert_eq!(guest_sends(&frames).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_session_cut_off_before_its_exit_status_is_an_error() {
+        let err = guest_sends(&[ShellFrame::Stdout(b"partial".to_vec())]).unwrap_err();
+        assert!(err.to_string().contains("without an exit status"), "{err}");
+        let err = guest_sends(&[ShellFrame::StdinEnd]).unwrap_err();
+        assert!(err.to_string().contains("the guest sent"), "{err}");
     }
 }

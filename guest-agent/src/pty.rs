@@ -49,6 +49,13 @@ pub fn open(rows: u16, cols: u16) -> Result<Pty, Error> {
     }
     // SAFETY: the ioctl just returned this descriptor and nothing else owns it.
     let slave = unsafe { OwnedFd::from_raw_fd(raw) };
+    resize(&master, rows, cols)?;
+    Ok(Pty { master, slave })
+}
+
+/// Sets the terminal size of the pty whose master is `master` (24 × 80 when either is 0); the
+/// session's foreground process group gets SIGWINCH.
+pub fn resize(master: &impl AsRawFd, rows: u16, cols: u16) -> Result<(), Error> {
     let (rows, cols) = if rows == 0 || cols == 0 {
         (24, 80)
     } else {
@@ -64,7 +71,7 @@ pub fn open(rows: u16, cols: u16) -> Result<Pty, Error> {
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
         return Err(Error::WindowSize(std::io::Error::last_os_error()));
     }
-    Ok(Pty { master, slave })
+    Ok(())
 }
 
 /// Makes the child a session leader (its own process group, so the whole session can be

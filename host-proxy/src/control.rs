@@ -80,7 +80,7 @@ pub async fn request(vsock: &Path, req: &Request, timeout: Duration) -> Result<R
         .unwrap_or(Err(Error::Timeout(timeout)))
 }
 
-/// Opens a shell session: after the `ShellRequest` frame the stream carries raw pty bytes.
+/// Opens a shell session: after the `ShellRequest` frame the stream carries `ShellFrame`s.
 pub async fn open_shell(
     vsock: &Path,
     shell: &ShellRequest,

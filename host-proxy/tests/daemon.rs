@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_protocol::{read_frame, write_frame, Request, Response, ShellRequest};
+use berth_protocol::{
+    read_frame, write_frame, write_shell_frame, Request, Response, ShellFrame, ShellRequest,
+};
 
 const MODE_ENV: &str = "BERTH_FAKE_VMM_MODE";
 const ARGS_ENV: &str = "BERTH_FAKE_VMM_ARGS";
@@ -89,9 +91,9 @@ fn fake_guest(stream: UnixStream) {
         }
         berth_protocol::SHELL_PORT => {
             let shell: ShellRequest = read_frame(&mut reader).unwrap().unwrap();
-            stream
-                .write_all(format!("ran {}\n", shell.command.join(" ")).as_bytes())
-                .unwrap();
+            let ran = format!("ran {}\n", shell.command.join(" "));
+            write_shell_frame(&mut stream, &ShellFrame::Stdout(ran.into_bytes())).unwrap();
+            write_shell_frame(&mut stream, &ShellFrame::Exit(0)).unwrap();
         }
         _ => {}
     }

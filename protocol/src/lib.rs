@@ -6,8 +6,14 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+mod shell;
+pub use shell::{
+    read_shell_frame, write_shell_frame, write_stdin, ShellFrame, ShellOutput, EXIT_CANNOT_RUN,
+    EXIT_NOT_FOUND, MAX_DATA,
+};
+
 /// Bumped on any incompatible change; `Hello` tells each side the other's.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The guest's context ID.
 pub const GUEST_CID: u64 = 3;
@@ -15,7 +21,8 @@ pub const GUEST_CID: u64 = 3;
 pub const DOCKER_API_PORT: u32 = 2375;
 /// Guest port of the control channel (these messages).
 pub const CONTROL_PORT: u32 = 1024;
-/// Guest port that runs an interactive shell: one `ShellRequest` frame, then raw pty bytes.
+/// Guest port that runs a command or an interactive shell: one `ShellRequest` frame, then
+/// `ShellFrame`s both ways (stdin, resizes; stdout, stderr, the exit status).
 pub const SHELL_PORT: u32 = 1025;
 
 /// Frames larger than this are refused (a corrupt or hostile length).
@@ -86,6 +93,8 @@ pub enum Error {
     FrameTooLarge(u64),
     #[error("malformed message: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("malformed shell frame: {0}")]
+    ShellFrame(String),
 }
 
 /// Writes one frame holding `msg`.

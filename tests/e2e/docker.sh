@@ -58,6 +58,10 @@ check gone sh -c "! docker ps -a --format '{{.ID}}' | grep -q '${id:0:12}'"
 # -it through a real pseudo-terminal: `script` gives docker a tty on the host side.
 check run-it script -qec "docker run -it --rm berth-test/busybox sh -c 'tty; echo tty-answer \$((2 + 3))'" /dev/null
 
+# berth shell: stdout and stderr apart, the command's exit status; a pty when run on one.
+check shell-status sh -c 'out=$(berth shell -- sh -c "echo to-stdout; echo to-stderr >&2; exit 3" 2>/dev/null); echo "status $? stdout [$out]"'
+check shell-tty script -qec "berth shell -- sh -c 'tty; echo shell-tty-answer \$((4 + 4))'" /dev/null
+
 # docker build of a Dockerfile FROM scratch.
 mkdir -p "$work/build"
 cp /bin/busybox "$work/build/busybox"

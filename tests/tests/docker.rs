@@ -1,7 +1,7 @@
 //! The docker CLI on the host drives dockerd in a Berth VM: `berth start`, images made offline,
-//! run/ps/logs/exec/stop/rm, `run -it` through a pty, `build` FROM scratch, a volume that
-//! survives `berth stop` + `berth start`. One VM-host session runs tests/e2e/docker.sh; this
-//! checks every step it reports.
+//! run/ps/logs/exec/stop/rm, `run -it` through a pty, `berth shell` (exit status, stderr apart,
+//! a pty), `build` FROM scratch, a volume that survives `berth stop` + `berth start`. One
+//! VM-host session runs tests/e2e/docker.sh; this checks every step it reports.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -60,6 +60,9 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("exec", "exec-answer 42");
     expect("run-it", "tty-answer 5");
     expect("run-it", "/dev/pts/");
+    expect("shell-status", "status 3 stdout [to-stdout]");
+    expect("shell-tty", "shell-tty-answer 8");
+    expect("shell-tty", "/dev/pts/");
     expect("build", "sha256:");
     expect("run-built", "built-from-scratch");
     expect("volume-write", "persisted-");

@@ -10,7 +10,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_protocol::{write_frame, ShellRequest, SHELL_PORT};
+use berth_protocol::{
+    write_frame, write_shell_frame, write_stdin, ShellFrame, ShellOutput, ShellRequest, SHELL_PORT,
+};
 
 use crate::pattern::{self, guest_seed, Received};
 use crate::request::Request;
@@ -163,7 +165,8 @@ pub fn shell(socket: &Path, script: &str, idle: Duration) -> Result<UnixStream, 
     Ok(s)
 }
 
-/// Runs `script` in the guest with `input` as its stdin; returns its output (stdout and stderr).
+/// Runs `script` in the guest with `input` as its stdin; returns its output (stdout and stderr)
+/// if it exits with status 0.
 pub fn shell_run(
     socket: &Path,
     script: &str,
@@ -174,16 +177,19 @@ pub fn shell_run(
     let mut w = s.try_clone().map_err(|e| format!("clone: {e}"))?;
     let input = input.to_vec();
     let writer = std::thread::spawn(move || {
-        w.write_all(&input)
-            .and_then(|_| w.shutdown(std::net::Shutdown::Write))
+        write_stdin(&mut w, &input).and_then(|()| write_shell_frame(&mut w, &ShellFrame::StdinEnd))
     });
-    let mut r = s;
+    let mut r = ShellOutput::new(s);
     let out = pattern::read_rest(&mut r, 1 << 20)
         .map_err(|e| format!("read the output of {script:?}: {e}"))?;
     match writer.join() {
-        Ok(Ok(())) => Ok(out),
-        Ok(Err(e)) => Err(format!("send stdin to {script:?}: {e} (output: {out:?})")),
-        Err(_) => Err("stdin writer panicked".into()),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("send stdin to {script:?}: {e} (output: {out:?})")),
+        Err(_) => return Err("stdin writer panicked".into()),
+    }
+    match r.exit() {
+        Some(0) => Ok(out),
+        code => Err(format!("{script:?} exited with status {code:?}: {out:?}")),
     }
 }
 
@@ -233,7 +239,7 @@ impl GuestServe {
             .map_err(|e| format!("socket timeout: {e}"))?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines() {
+            for line in BufReader::new(ShellOutput::new(reader)).lines() {
                 let Ok(line) = line else { break };
                 println!("  guest[{port}]| {line}");
                 if tx.send(line).is_err() {
