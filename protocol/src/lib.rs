@@ -114,15 +114,8 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Erro
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<Option<T>, Error> {
     let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < len.len() {
-        match r.read(&mut len[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
+    if !read_header(r, &mut len)? {
+        return Ok(None);
     }
     let len = u32::from_be_bytes(len);
     if len > MAX_FRAME {
@@ -131,6 +124,22 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<Opt
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
     Ok(Some(serde_json::from_slice(&body)?))
+}
+
+/// Fills `header`; `Ok(false)` on a clean end of stream before its first byte, an error when
+/// the stream ends inside it.
+fn read_header(r: &mut impl Read, header: &mut [u8]) -> Result<bool, Error> {
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

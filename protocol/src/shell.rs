@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use crate::Error;
+use crate::{read_header, Error};
 
 /// Largest payload of one frame; a longer length is a corrupt or hostile stream.
 pub const MAX_DATA: usize = 64 * 1024;
@@ -109,15 +109,8 @@ pub fn write_shell_frame(w: &mut impl Write, frame: &ShellFrame) -> Result<(), E
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
 pub fn read_shell_frame(r: &mut impl Read) -> Result<Option<ShellFrame>, Error> {
     let mut header = [0u8; 5];
-    let mut got = 0;
-    while got < header.len() {
-        match r.read(&mut header[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
+    if !read_header(r, &mut header)? {
+        return Ok(None);
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     if len as usize > MAX_DATA {
