@@ -40,7 +40,7 @@ check info docker info --format 'kernel {{.KernelVersion}} driver {{.Driver}} cg
 
 # An image made offline from Debian's busybox-static: no registry is reachable.
 mkdir -p "$work/rootfs/bin" "$work/rootfs/tmp"
-cp /bin/busybox "$work/rootfs/bin/busybox"
+check busybox cp /bin/busybox "$work/rootfs/bin/busybox" || exit 1
 for applet in sh echo cat sleep tty ls wc sha256sum head; do ln -s busybox "$work/rootfs/bin/$applet"; done
 check import sh -c "tar -C '$work/rootfs' -c . | docker import - berth-test/busybox:latest"
 

@@ -74,6 +74,7 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("stop-again", "not running");
     for step in [
         "config",
+        "busybox",
         "run-d",
         "ps",
         "stop",
