@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Docker benchmarks, each figure beside a baseline measured in the same run (no pass/fail on the
+# figures; the script fails only when what it measures stops working, and then shows the logs):
+#   - `berth start` to docker-ready: the first start (blank data disk: mkfs, dockerd's first
+#     init), then with the VM host's page cache dropped (cold), then again (warm);
+#   - `docker run --rm IMAGE true`: through the host proxy, and the docker CLI inside the guest;
+#   - API socket throughput: `docker save` of a ~200 MiB image through the proxy, and inside the
+#     guest;
+#   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
+#     says it uses and the memory it was given.
+# Runs on the VM host: directly with hardware KVM, else inside the nested rig.
+#
+#   tests/bench/docker.sh [RUNS]      (default 5; runs of `docker run`)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+runs=${1:-5}
+CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
+if [ -z "${BERTH_VMM:-}" ]; then
+  [ -f "$CACHE/env.sh" ] || { echo "bench: run tests/setup.sh first (no $CACHE/env.sh)" >&2; exit 1; }
+  # shellcheck source=/dev/null
+  . "$CACHE/env.sh"
+fi
+for v in BERTH_VMM BERTH_KERNEL BERTH_ROOTFS; do
+  [ -e "${!v:-}" ] || { echo "bench: $v=${!v:-} missing; run tests/setup.sh" >&2; exit 1; }
+done
+
+# shellcheck source=tests/rig/detect.sh
+. "$here/../rig/detect.sh"
+if [ "$(berth_rig_mode)" = rig ]; then
+  exec "$here/../rig/run-in-rig.sh" --timeout 1800 -- "$here/docker.sh" "$@"
+fi
+
+bin=$(dirname "$BERTH_VMM")
+export PATH=$bin:$PATH
+export BERTH_HOME=${TMPDIR:-/tmp}/berth-bench-home
+export BERTH_CONFIG=$BERTH_HOME/config.toml
+export DOCKER_CONFIG=$BERTH_HOME/docker-config
+export BERTH_HOST_PROXY=$bin/berth-host-proxy
+rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
+export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
+memory_mib=1024
+berth config set memory_mib $memory_mib >/dev/null
+berth config set cpus 2 >/dev/null
+berth config set disk_size_gib 8 >/dev/null
+work=$(mktemp -d)
+# On a failure, what the VM, the proxy and dockerd said, so a broken run explains itself.
+diagnose() {
+  echo "bench: FAILED (status $1); the logs:" >&2
+  echo "--- console (kernel and agent)" >&2; tail -n 60 "$BERTH_HOME/logs/console.log" >&2 2>/dev/null || true
+  echo "--- host-proxy" >&2; tail -n 30 "$BERTH_HOME/logs/host-proxy.log" >&2 2>/dev/null || true
+  echo "--- dockerd" >&2; timeout 60 berth logs --source dockerd 2>&1 | tail -n 40 >&2 || true
+}
+trap 'status=$?; [ "$status" = 0 ] || diagnose "$status"; berth stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+ms() { date +%s%3N; }
+median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# Milliseconds from `berth start` until it returns, i.e. until dockerd answers /_ping.
+start_ms() {
+  local t0
+  t0=$(ms)
+  berth start --timeout 900 --no-docker-context >/dev/null
+  echo $(($(ms) - t0))
+}
+drop_page_cache() {
+  sync
+  echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || { echo "bench: cannot drop the page cache (needs root)" >&2; return 1; }
+}
+where="directly on hardware KVM"
+[ "${BERTH_IN_RIG:-0}" = 1 ] && where="in the nested rig (the VM host is the emulated test host: absolute figures are far above hardware, ratios matter)"
+echo "bench: docker benchmarks, $where; guest ${memory_mib} MiB, 2 vCPUs"
+
+# 1. berth start: first (blank data disk), cold page cache, warm.
+first=$(start_ms)
+berth stop >/dev/null
+drop_page_cache
+cold=$(start_ms)
+berth stop >/dev/null
+warm=$(start_ms)
+echo "bench: berth start to docker-ready: first start (blank data disk) ${first} ms; cold page cache ${cold} ms; warm ${warm} ms; cold/warm $(ratio "$cold" "$warm")"
+
+# An image made offline, and a large one (incompressible) for `docker save`.
+mkdir -p "$work/rootfs/bin"
+cp /bin/busybox "$work/rootfs/bin/busybox"
+for applet in sh true cat wc; do ln -s busybox "$work/rootfs/bin/$applet"; done
+tar -C "$work/rootfs" -c . | docker import - bench/busybox >/dev/null
+head -c $((200 << 20)) /dev/urandom > "$work/rootfs/blob"
+tar -C "$work/rootfs" -c . | docker import - bench/large >/dev/null
+rm -f "$work/rootfs/blob"
+
+# 2. docker run --rm true, through the proxy and with the docker CLI inside the guest.
+docker run --rm bench/busybox true # warm-up: the first run loads what later runs find cached
+proxy_runs=$(for _ in $(seq "$runs"); do t0=$(ms); docker run --rm bench/busybox true; echo $(($(ms) - t0)); done)
+# `berth shell` has no exit status: the guest prints a number per successful run, and all of
+# them must be there.
+guest_runs=$(berth shell -- sh -c "for i in \$(seq $runs); do t0=\$(date +%s%3N); docker run --rm bench/busybox true && echo \$((\$(date +%s%3N) - t0)); done" | tr -d '\r' | grep -E '^[0-9]+$' || true)
+[ "$(printf '%s\n' "$guest_runs" | grep -c .)" = "$runs" ] || { echo "bench: docker run inside the guest failed: got '$guest_runs'" >&2; exit 1; }
+proxy_run=$(printf '%s\n' "$proxy_runs" | median)
+guest_run=$(printf '%s\n' "$guest_runs" | median)
+echo "bench: docker run --rm true, median of $runs: through the proxy ${proxy_run} ms, docker CLI inside the guest ${guest_run} ms, proxy/guest $(ratio "$proxy_run" "$guest_run")" \
+  "(each: proxy $(echo $proxy_runs), guest $(echo $guest_runs))"
+
+# 3. docker save throughput: through the proxy, and inside the guest.
+t0=$(ms); bytes=$(docker save bench/large | wc -c); proxy_save=$(($(ms) - t0))
+guest_out=$(berth shell -- sh -c 't0=$(date +%s%3N); n=$(docker save bench/large | wc -c) && echo "saved $n $(($(date +%s%3N) - t0))"' | tr -d '\r')
+read -r _ guest_bytes guest_save <<< "$(printf '%s\n' "$guest_out" | grep '^saved ' | tail -n 1)"
+[ "${guest_bytes:-0}" = "$bytes" ] || { echo "bench: docker save inside the guest gave ${guest_bytes:-nothing} bytes, through the proxy $bytes: '$guest_out'" >&2; exit 1; }
+mibps() { awk -v b="$bytes" -v t="$1" 'BEGIN { printf "%.1f", b / 1048576 / (t / 1000) }'; }
+echo "bench: docker save of $((bytes >> 20)) MiB: through the proxy $(mibps "$proxy_save") MiB/s (${proxy_save} ms), inside the guest $(mibps "$guest_save") MiB/s (${guest_save} ms), proxy/guest throughput $(ratio "$guest_save" "$proxy_save")"
+
+# 4. Host memory once idle, beside what the guest says it uses.
+sleep 10
+rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+vmm_kib=0 proxy_kib=0
+for pid in $(pgrep -x berth-vmm || true); do vmm_kib=$((vmm_kib + $(rss "$pid"))); done
+for pid in $(pgrep -x berth-host-prox || true); do proxy_kib=$((proxy_kib + $(rss "$pid"))); done
+[ "$vmm_kib" -gt 0 ] && [ "$proxy_kib" -gt 0 ] || { echo "bench: no running berth-vmm or berth-host-proxy to measure" >&2; exit 1; }
+guest_used_kib=$(berth status --json | awk -F: '/"mem_total_kib"/ { t = $2 + 0 } /"mem_available_kib"/ { a = $2 + 0 } END { print t - a }')
+[ "${guest_used_kib:-0}" -gt 0 ] || { echo "bench: the guest's memory figures are missing from berth status --json" >&2; exit 1; }
+total_kib=$((vmm_kib + proxy_kib))
+echo "bench: host RSS of Berth once idle: $((total_kib >> 10)) MiB (berth-vmm $((vmm_kib >> 10)) MiB, berth-host-proxy $((proxy_kib >> 10)) MiB);" \
+  "the guest uses $((guest_used_kib >> 10)) MiB of its ${memory_mib} MiB (MemTotal - MemAvailable); host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
