@@ -15,11 +15,12 @@ export DOCKER_BUILDKIT=0
 rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
 work=$(mktemp -d)
 
+failed=0
 check() {
   local name=$1; shift
   local out status
   out=$("$@" 2>&1); status=$?
-  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; fi
+  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; failed=1; fi
   printf '%s\n' "$out" | sed 's/^/  | /'
   return "$status"
 }
@@ -85,3 +86,9 @@ check status-json berth status --json
 check final-stop berth stop
 check stop-again berth stop
 rm -rf "$work"
+# A failed step explains itself: what the VM and the host proxy said, this start and the last.
+if [ "$failed" = 1 ]; then
+  for log in console.log.old console.log host-proxy.log; do
+    echo "--- $log"; tail -n 60 "$BERTH_HOME/logs/$log" 2>/dev/null
+  done
+fi
