@@ -36,9 +36,20 @@ fn checks(stdout: &str) -> HashMap<String, (bool, String)> {
 #[test]
 fn docker_cli_drives_dockerd_in_the_vm() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/docker.sh");
-    let output = berth_tests::run_in_vm_host(&format!("bash {}", script.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
+    // A run in which the guest reset itself (the script says GUEST-RESET; nothing asked for a
+    // reboot) is repeated, loudly, up to three runs in all: in the rig that is a triple fault
+    // under the emulated nested SVM about one run in three. Any other failure counts at once.
+    let mut attempt = 1;
+    let (output, stdout) = loop {
+        let output = berth_tests::run_in_vm_host(&format!("bash {}", script.display()));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        println!("{stdout}");
+        if !stdout.contains("e2e: GUEST-RESET") || attempt == 3 {
+            break (output, stdout);
+        }
+        eprintln!("WARNING: the guest reset itself during e2e run {attempt}; running it again");
+        attempt += 1;
+    };
     let checks = checks(&stdout);
     let expect = |name: &str, needle: &str| {
         let (ok, text) = checks
