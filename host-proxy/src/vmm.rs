@@ -68,6 +68,9 @@ pub fn describe_exit(status: ExitStatus) -> String {
         (Some(0), _) => "the guest powered off".into(),
         (Some(2), _) => "the guest rebooted".into(),
         (Some(3), _) => "the guest kernel panicked (see console.log)".into(),
+        (Some(4), _) => {
+            "the guest crashed (a triple fault; the VMM's line above has its registers)".into()
+        }
         (Some(1), _) => "the VMM failed (its error is logged above)".into(),
         (Some(code), _) => format!("the VMM exited with unexpected status {code}"),
         (None, Some(sig)) => format!("the VMM was killed by signal {sig}"),
@@ -114,6 +117,7 @@ mod tests {
             "the guest rebooted"
         );
         assert!(describe_exit(ExitStatus::from_raw(3 << 8)).contains("panicked"));
+        assert!(describe_exit(ExitStatus::from_raw(4 << 8)).contains("triple fault"));
         assert!(describe_exit(ExitStatus::from_raw(9)).contains("signal 9"));
     }
 }

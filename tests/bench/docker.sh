@@ -51,7 +51,7 @@ diagnose() {
   echo "--- host-proxy" >&2; tail -n 30 "$BERTH_HOME/logs/host-proxy.log" >&2 2>/dev/null || true
   echo "--- dockerd" >&2; timeout 60 berth logs --source dockerd 2>&1 | tail -n 40 >&2 || true
   # See tests/e2e/docker.sh: tests/run-tests.sh runs the benchmark once more after this line.
-  if grep -q "VMM exited: the guest rebooted" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null; then
+  if grep -qE "VMM exited: the guest (rebooted|crashed)" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null; then
     echo "bench: GUEST-RESET: the guest reset itself during the run (no reboot was asked for)"
   fi
 }

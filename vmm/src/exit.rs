@@ -7,8 +7,11 @@ use std::sync::mpsc;
 pub enum ExitReason {
     /// The guest powered itself off.
     PowerOff,
-    /// The guest asked for a reboot or reset (including a triple fault).
+    /// The guest asked for a reboot or reset (keyboard controller, ACPI reset register).
     Reset,
+    /// A vCPU took a triple fault that nothing asked for: the guest crashed. The text is the
+    /// vCPU's state at that moment.
+    Crashed(String),
     /// The guest kernel panicked (and then reset, as `panic=-1` makes it).
     Panic,
     /// Every vCPU halted with no interrupt controller to wake it (payload guests only).
@@ -25,6 +28,7 @@ impl ExitReason {
             ExitReason::Error(_) => 1,
             ExitReason::Reset => 2,
             ExitReason::Panic => 3,
+            ExitReason::Crashed(_) => 4,
         }
     }
 }

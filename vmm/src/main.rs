@@ -1,5 +1,6 @@
 //! `berth-vmm`: boots a Linux guest and exits with a status that says how the guest stopped:
-//! 0 powered off, 2 rebooted/reset, 3 kernel panic, 1 VMM error (one line on stderr).
+//! 0 powered off, 2 rebooted/reset, 3 kernel panic, 4 guest crashed (triple fault), 1 VMM error
+//! (one line on stderr).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
         ExitReason::Halted => eprintln!("berth-vmm: guest halted"),
         ExitReason::Reset => eprintln!("berth-vmm: guest rebooted"),
         ExitReason::Panic => eprintln!("berth-vmm: guest kernel panicked (see the console log)"),
+        ExitReason::Crashed(state) => eprintln!("berth-vmm: guest crashed: triple fault ({state})"),
         ExitReason::Error(e) => eprintln!("berth-vmm: error: {e}"),
     }
     ExitCode::from(reason.exit_code() as u8)

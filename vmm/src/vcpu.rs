@@ -58,7 +58,9 @@ fn handle_exit(exit: VmExit<'_>, ctx: &VcpuContext) -> Option<ExitReason> {
             }
         }
         VmExit::Hlt => return Some(ExitReason::Halted),
-        VmExit::Shutdown => return Some(ExitReason::Reset),
+        // Linux reboots through the keyboard controller or ACPI (`reboot=k`), never by triple
+        // fault unless those fail, and it says `reboot:` first: this is a crash.
+        VmExit::Shutdown => return Some(ExitReason::Crashed(String::new())),
         VmExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN) => return Some(ExitReason::PowerOff),
         VmExit::SystemEvent(SYSTEM_EVENT_RESET) => return Some(ExitReason::Reset),
         VmExit::SystemEvent(SYSTEM_EVENT_CRASH) => return Some(ExitReason::Panic),
@@ -77,6 +79,14 @@ pub fn run_vcpu(id: u8, mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
             Err(e) => Some(ExitReason::Error(format!("vCPU {id}: {e}"))),
         };
         if let Some(reason) = stop {
+            let reason = match reason {
+                ExitReason::Crashed(_) => {
+                    let state = format!("vCPU {id}: {}", vcpu.describe_state());
+                    tracing::error!("triple fault: {state}");
+                    ExitReason::Crashed(state)
+                }
+                other => other,
+            };
             tracing::info!("vCPU {id} stops the VM: {reason:?}");
             ctx.exit.notify(reason);
             return;
@@ -107,5 +117,35 @@ pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
             std::thread::sleep(Duration::from_millis(2));
         }
         let _ = thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::Bus;
+
+    #[test]
+    fn a_triple_fault_is_a_crash_and_only_asked_resets_are_reboots() {
+        let (exit, _rx) = crate::exit::ExitNotifier::new();
+        let ctx = VcpuContext {
+            io_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(Bus::new()),
+            exit,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        assert_eq!(
+            handle_exit(VmExit::Shutdown, &ctx),
+            Some(ExitReason::Crashed(String::new()))
+        );
+        assert_eq!(
+            handle_exit(VmExit::SystemEvent(SYSTEM_EVENT_RESET), &ctx),
+            Some(ExitReason::Reset)
+        );
+        assert_eq!(
+            handle_exit(VmExit::SystemEvent(SYSTEM_EVENT_CRASH), &ctx),
+            Some(ExitReason::Panic)
+        );
+        assert_eq!(ExitReason::Crashed(String::new()).exit_code(), 4);
     }
 }

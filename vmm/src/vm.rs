@@ -250,7 +250,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
         .unwrap_or_else(|_| ExitReason::Error("all vCPUs vanished".into()));
     vcpu::stop_vcpus(&ctx.stop, threads);
     Ok(match reason {
-        ExitReason::Reset if panicked.load(Ordering::SeqCst) => ExitReason::Panic,
+        ExitReason::Reset | ExitReason::Crashed(_) if panicked.load(Ordering::SeqCst) => {
+            ExitReason::Panic
+        }
         other => other,
     })
 }

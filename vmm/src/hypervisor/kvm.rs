@@ -331,4 +331,28 @@ impl Vcpu for KvmVcpu {
     fn set_immediate_exit(&mut self, exit: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(exit));
     }
+
+    fn describe_state(&self) -> String {
+        let (regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => return format!("registers unavailable: {e}"),
+        };
+        format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+             efer={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
+            regs.rip,
+            regs.rsp,
+            regs.rflags,
+            sregs.cs.selector,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            sregs.idt.base,
+            sregs.idt.limit,
+            sregs.gdt.base,
+            sregs.gdt.limit
+        )
+    }
 }

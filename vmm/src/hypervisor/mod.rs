@@ -108,7 +108,7 @@ pub enum VmExit<'a> {
     },
     /// The vCPU executed HLT (only seen without an in-kernel interrupt controller).
     Hlt,
-    /// Triple fault or an architectural reset request.
+    /// The vCPU shut down: on x86 a triple fault.
     Shutdown,
     /// The hypervisor reported a system event (reset, shutdown, crash) of this kind.
     SystemEvent(u32),
@@ -157,4 +157,7 @@ pub trait Vcpu: Send {
     fn run(&mut self) -> Result<VmExit<'_>>;
     /// Makes the next `run` return `Interrupted` at once (cleared by the VMM).
     fn set_immediate_exit(&mut self, exit: bool);
+    /// The vCPU's registers in one line (instruction pointer, control registers, segments),
+    /// for the log when the guest crashed.
+    fn describe_state(&self) -> String;
 }
