@@ -18,6 +18,18 @@ use crate::reaper::Exit;
 
 /// PID → where its exit goes.
 static OWNERS: Mutex<BTreeMap<libc::pid_t, Sender<Exit>>> = Mutex::new(BTreeMap::new());
+/// Held across each `Command::spawn` and each of the reaper's waits. When exec fails, std
+/// waits for the failed child itself inside `spawn`; had the reaper collected it first, that
+/// wait would find no child and std would panic — in PID 1, a dead VM (seen in tests with
+/// `berth shell -- /nonexistent/tool`).
+static SPAWNING: Mutex<()> = Mutex::new(());
+
+/// Keeps the reaper from waiting while a child is being started (see `SPAWNING`).
+pub fn spawn_guard() -> MutexGuard<'static, ()> {
+    SPAWNING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Errors of this module; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +77,12 @@ fn owners() -> MutexGuard<'static, BTreeMap<libc::pid_t, Sender<Exit>>> {
 /// Starts `cmd` and registers its PID. std resets the signal mask in the child, so it does not
 /// inherit the signals PID 1 blocks for its signalfd.
 pub fn spawn(cmd: &mut Command) -> Result<Spawned, Error> {
+    let spawning = spawn_guard();
     let mut owners = owners();
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::Spawn(cmd.get_program().to_string_lossy().into_owned(), e))?;
+    drop(spawning);
     let pid = child.id() as libc::pid_t;
     let (tx, rx) = mpsc::channel();
     owners.insert(pid, tx);

@@ -28,8 +28,10 @@ pub enum Remaining {
 pub fn reap(mut on_exit: impl FnMut(Exit)) -> Remaining {
     loop {
         let mut status: libc::c_int = 0;
+        let spawning = children::spawn_guard();
         // SAFETY: `status` is a valid, writable int; WNOHANG keeps the call from blocking.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        drop(spawning);
         match pid {
             0 => return Remaining::Some,
             p if p > 0 => on_exit(Exit { pid: p, status }),
