@@ -18,6 +18,8 @@ pub enum Error {
     Write(PathBuf, #[source] std::io::Error),
     #[error("rotate {0}")]
     Rotate(PathBuf, #[source] std::io::Error),
+    #[error("write {0}: the log is closed (the guest is shutting down)")]
+    Closed(PathBuf),
 }
 
 /// An append-only log file with one rotated predecessor.
@@ -25,7 +27,8 @@ pub enum Error {
 pub struct RotatingLog {
     path: PathBuf,
     max_bytes: u64,
-    file: File,
+    /// `None` once closed for shutdown: an open file keeps the data disk from unmounting.
+    file: Option<File>,
     size: u64,
 }
 
@@ -37,7 +40,7 @@ impl RotatingLog {
         Ok(RotatingLog {
             path: path.to_path_buf(),
             max_bytes,
-            file,
+            file: Some(file),
             size,
         })
     }
@@ -51,11 +54,16 @@ impl RotatingLog {
 
     /// Appends `data`, rotating first if it would take a non-empty file past the limit.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        if self.file.is_none() {
+            return Err(Error::Closed(self.path.clone()));
+        }
         if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
-        self.file
-            .write_all(data)
+        let Some(file) = self.file.as_mut() else {
+            return Err(Error::Closed(self.path.clone()));
+        };
+        file.write_all(data)
             .map_err(|e| Error::Write(self.path.clone(), e))?;
         self.size += data.len() as u64;
         Ok(())
@@ -64,9 +72,15 @@ impl RotatingLog {
     fn rotate(&mut self) -> Result<(), Error> {
         std::fs::rename(&self.path, Self::rotated_path(&self.path))
             .map_err(|e| Error::Rotate(self.path.clone(), e))?;
-        self.file = open_append(&self.path)?;
+        self.file = Some(open_append(&self.path)?);
         self.size = 0;
         Ok(())
+    }
+
+    /// Closes the file for good (at shutdown, so its filesystem can be unmounted); later
+    /// writes fail with `Closed`.
+    pub fn close(&mut self) {
+        self.file = None;
     }
 }
 
@@ -97,6 +111,25 @@ pub fn pump(mut source: impl Read, log: &std::sync::Mutex<RotatingLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_log_lets_go_of_its_file_and_refuses_writes() {
+        let dir = temp_dir("closed");
+        let path = dir.join("d.log");
+        let mut log = RotatingLog::open(&path, 1 << 20).unwrap();
+        log.write(b"before\n").unwrap();
+        let holds_it = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|target| target == path)
+        };
+        assert!(holds_it());
+        log.close();
+        assert!(!holds_it(), "the closed log still holds {}", path.display());
+        assert!(matches!(log.write(b"after\n"), Err(Error::Closed(_))));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "before\n");
+    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir =

@@ -83,6 +83,10 @@ pub fn shutdown(action: PowerAction, services: Option<&Supervisor>) -> ! {
         });
     }
     terminate_all();
+    if let Some(services) = services {
+        // Every daemon is gone, so their log pumps have drained.
+        services.close_logs();
+    }
     sync();
     mounts::unmount_for_shutdown();
     sync();

@@ -332,6 +332,18 @@ impl Supervisor {
             service.stop(grace, &mut reap);
         }
     }
+
+    /// Closes the daemons' log files (once they are gone), so the data disk under /var/log can
+    /// be unmounted rather than left busy and needing a journal replay at the next boot.
+    pub fn close_logs(&self) {
+        for service in [&self.dockerd, &self.containerd] {
+            service
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .close();
+        }
+    }
 }
 
 #[cfg(test)]
