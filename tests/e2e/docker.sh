@@ -61,6 +61,7 @@ check run-it script -qec "docker run -it --rm berth-test/busybox sh -c 'tty; ech
 
 # berth shell: stdout and stderr apart, the command's exit status; a pty when run on one.
 check shell-status sh -c 'out=$(berth shell -- sh -c "echo to-stdout; echo to-stderr >&2; exit 3" 2>/dev/null); echo "status $? stdout [$out]"'
+check shell-missing sh -c 'berth shell -- /nonexistent/berth-tool; echo "status $?"'
 check shell-tty script -qec "berth shell -- sh -c 'tty; echo shell-tty-answer \$((4 + 4))'" /dev/null
 
 # docker build of a Dockerfile FROM scratch.

@@ -72,6 +72,7 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("run-it", "tty-answer 5");
     expect("run-it", "/dev/pts/");
     expect("shell-status", "status 3 stdout [to-stdout]");
+    expect("shell-missing", "status 127");
     expect("shell-tty", "shell-tty-answer 8");
     expect("shell-tty", "/dev/pts/");
     expect("build", "sha256:");
