@@ -28,7 +28,7 @@ done
 # shellcheck source=tests/rig/detect.sh
 . "$here/../rig/detect.sh"
 if [ "$(berth_rig_mode)" = rig ]; then
-  exec "$here/../rig/run-in-rig.sh" --timeout 1800 -- "$here/docker.sh" "$@"
+  exec "$here/../rig/run-in-rig.sh" --timeout 1200 -- "$here/docker.sh" "$@"
 fi
 
 bin=$(dirname "$BERTH_VMM")
@@ -64,7 +64,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 start_ms() {
   local t0
   t0=$(ms)
-  berth start --timeout 900 --no-docker-context >/dev/null
+  berth start --timeout 300 --no-docker-context >/dev/null
   echo $(($(ms) - t0))
 }
 drop_page_cache() {
