@@ -4,7 +4,7 @@
 #   - `berth start` to docker-ready: the first start (blank data disk: mkfs, dockerd's first
 #     init), then with the VM host's page cache dropped (cold), then again (warm);
 #   - `docker run --rm IMAGE true`: through the host proxy, and the docker CLI inside the guest;
-#   - API socket throughput: `docker save` of a ~200 MiB image through the proxy, and inside the
+#   - API socket throughput: `docker save` of a ~64 MiB image (BERTH_BENCH_SAVE_MIB) through the proxy, and inside the
 #     guest;
 #   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
 #     says it uses and the memory it was given.
@@ -89,7 +89,7 @@ mkdir -p "$work/rootfs/bin"
 cp /bin/busybox "$work/rootfs/bin/busybox"
 for applet in sh true cat wc; do ln -s busybox "$work/rootfs/bin/$applet"; done
 tar -C "$work/rootfs" -c . | docker import - bench/busybox >/dev/null
-head -c $((200 << 20)) /dev/urandom > "$work/rootfs/blob"
+head -c $((${BERTH_BENCH_SAVE_MIB:-64} << 20)) /dev/urandom > "$work/rootfs/blob"
 tar -C "$work/rootfs" -c . | docker import - bench/large >/dev/null
 rm -f "$work/rootfs/blob"
 
