@@ -28,7 +28,7 @@ done
 # shellcheck source=tests/rig/detect.sh
 . "$here/../rig/detect.sh"
 if [ "$(berth_rig_mode)" = rig ]; then
-  exec "$here/../rig/run-in-rig.sh" --timeout 1200 -- "$here/docker.sh" "$@"
+  exec "$here/../rig/run-in-rig.sh" --timeout 900 -- "$here/docker.sh" "$@"
 fi
 
 bin=$(dirname "$BERTH_VMM")
