@@ -46,8 +46,8 @@ if [ "$boot_status" != 0 ]; then
 fi
 if [ "$docker_status" != 0 ]; then
   # Not a gate (yet): in the nested rig the guest crashes itself (a triple fault under the
-  # emulated nested SVM) in about half of the long docker runs, and this benchmark did not get
-  # through once in three tries on 2026-12-01. What it measures is gated by the docker e2e
+  # emulated nested SVM) in about half of the long docker runs, and this benchmark got through
+  # once in four tries on 2026-12-01. What it measures is gated by the docker e2e
   # (tests/tests/docker.rs); this says loudly that its figures are missing.
   echo "run-tests: WARNING: the docker benchmark did not finish (status $docker_status): its figures are missing; see its logs above" >&2
 fi
