@@ -31,13 +31,9 @@ if [ "$(berth_rig_mode)" = rig ]; then
   exec "$here/../rig/run-in-rig.sh" --timeout 900 -- "$here/docker.sh" "$@"
 fi
 
-bin=$(dirname "$BERTH_VMM")
-export PATH=$bin:$PATH
-export BERTH_HOME=${TMPDIR:-/tmp}/berth-bench-home
-export BERTH_CONFIG=$BERTH_HOME/config.toml
-export DOCKER_CONFIG=$BERTH_HOME/docker-config
-export BERTH_HOST_PROXY=$bin/berth-host-proxy
-rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
+# shellcheck source=tests/e2e/berth-home.sh
+. "$here/../e2e/berth-home.sh"
+berth_fresh_home berth-bench-home
 export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
 memory_mib=1024
 berth config set memory_mib $memory_mib >/dev/null
@@ -50,8 +46,8 @@ diagnose() {
   echo "--- console (kernel and agent)" >&2; tail -n 60 "$BERTH_HOME/logs/console.log" >&2 2>/dev/null || true
   echo "--- host-proxy" >&2; tail -n 30 "$BERTH_HOME/logs/host-proxy.log" >&2 2>/dev/null || true
   echo "--- dockerd" >&2; timeout 60 berth logs --source dockerd 2>&1 | tail -n 40 >&2 || true
-  # See tests/e2e/docker.sh: tests/run-tests.sh runs the benchmark once more after this line.
-  if grep -qE "VMM exited: the guest (rebooted|crashed)" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null; then
+  # tests/run-tests.sh runs the benchmark once more after this line (see berth-home.sh).
+  if berth_guest_reset_seen; then
     echo "bench: GUEST-RESET: the guest reset itself during the run (no reboot was asked for)"
   fi
 }

@@ -5,14 +5,10 @@
 # them. Needs the BERTH_* variables of tests/setup.sh.
 set -uo pipefail
 
-bin=$(dirname "$BERTH_VMM")
-export PATH=$bin:$PATH
-export BERTH_HOME=${TMPDIR:-/tmp}/berth-e2e-home
-export BERTH_CONFIG=$BERTH_HOME/config.toml
-export DOCKER_CONFIG=$BERTH_HOME/docker-config
-export BERTH_HOST_PROXY=$bin/berth-host-proxy
+# shellcheck source=tests/e2e/berth-home.sh
+. "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
+berth_fresh_home berth-e2e-home
 export DOCKER_BUILDKIT=0
-rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
 work=$(mktemp -d)
 
 failed=0
@@ -87,10 +83,8 @@ check status-json berth status --json
 check final-stop berth stop
 check stop-again berth stop
 rm -rf "$work"
-# Nothing here asks the guest to reboot: a reboot or crash in the proxy's log is the guest
-# resetting itself (seen in the rig: no kernel message, KVM reports a triple fault, in about one
-# run in three under the emulated nested SVM). tests/tests/docker.rs repeats such a run.
-if grep -qE "VMM exited: the guest (rebooted|crashed)" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null; then
+# tests/tests/docker.rs repeats a run in which the guest reset itself (see berth-home.sh).
+if berth_guest_reset_seen; then
   echo "e2e: GUEST-RESET: the guest reset itself during the run (no reboot was asked for)"
 fi
 # A failed step explains itself: what the VM and the host proxy said, this start and the last.
