@@ -373,15 +373,21 @@ mod tests {
         o
     }
 
-    /// Runs a session over a UnixStream pair: sends `frames` (typically stdin, then its end),
-    /// and collects what comes back until the guest closes.
-    fn session(req: &ShellRequest, frames: &[ShellFrame]) -> (Outcome, Result<(), Error>) {
+    /// A session served on its own thread, its request sent: the host's end and the server.
+    fn open(req: &ShellRequest) -> (UnixStream, std::thread::JoinHandle<Result<(), Error>>) {
         children::start_test_reaper();
         let (mut host, guest) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let server = std::thread::spawn(move || serve(guest));
         write_frame(&mut host, req).unwrap();
+        (host, server)
+    }
+
+    /// Runs a session over a UnixStream pair: sends `frames` (typically stdin, then its end),
+    /// and collects what comes back until the guest closes.
+    fn session(req: &ShellRequest, frames: &[ShellFrame]) -> (Outcome, Result<(), Error>) {
+        let (mut host, server) = open(req);
         // Written beside the reading: a command echoing its input would fill both buffers.
         let mut w = host.try_clone().unwrap();
         let frames = frames.to_vec();
@@ -461,13 +467,8 @@ mod tests {
 
     #[test]
     fn pty_mode_follows_resizes() {
-        children::start_test_reaper();
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let server = std::thread::spawn(move || serve(guest));
         let req = request(&["sh", "-c", "stty size; read line; stty size"], true);
-        write_frame(&mut host, &req).unwrap();
+        let (mut host, server) = open(&req);
         // Only once the first size is out: then the command waits for its line.
         let mut seen = String::new();
         while !seen.contains("33 101\r\n") {
@@ -493,11 +494,8 @@ mod tests {
 
     #[test]
     fn a_host_that_hangs_up_ends_the_session() {
-        children::start_test_reaper();
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || serve(guest));
         // Would run for a minute; reads no stdin, prints nothing.
-        write_frame(&mut host, &request(&["sleep", "60"], false)).unwrap();
+        let (host, server) = open(&request(&["sleep", "60"], false));
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
         drop(host);
@@ -507,12 +505,7 @@ mod tests {
 
     #[test]
     fn a_host_that_sends_garbage_ends_the_session() {
-        children::start_test_reaper();
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let server = std::thread::spawn(move || serve(guest));
-        write_frame(&mut host, &request(&["sleep", "60"], false)).unwrap();
+        let (mut host, server) = open(&request(&["sleep", "60"], false));
         host.write_all(&[42, 0, 0, 0, 0]).unwrap();
         host.shutdown(Shutdown::Both).unwrap();
         let started = Instant::now();
