@@ -17,7 +17,8 @@
 # start.
 #
 # Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
-# kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT.
+# kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT,
+# BERTH_RIG_TCG_THREAD (multi, the default, or single: QEMU's TCG threading, for investigations).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,6 +29,7 @@ memory=${BERTH_RIG_MEMORY:-3072}
 cpus=${BERTH_RIG_CPUS:-2}
 timeout=${BERTH_RIG_TIMEOUT:-900}
 msize=${BERTH_RIG_MSIZE:-512000}
+tcg_thread=${BERTH_RIG_TCG_THREAD:-multi}
 shares=()
 
 die() { echo "run-in-rig: error: $*" >&2; exit 125; }
@@ -118,7 +120,7 @@ boot_test_host() {
   rm -f "$scratch/status"
   start=$(date +%s.%N)
   # stdin is /dev/null: the console is output only, and a terminal is never put in raw mode.
-  "$qemu" -M microvm,accel=tcg,acpi=off -cpu max -m "$memory" -smp "$cpus" \
+  "$qemu" -M microvm,acpi=off -accel "tcg,thread=$tcg_thread" -cpu max -m "$memory" -smp "$cpus" \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "$kernel" -append "$append" "${fs_args[@]}" < /dev/null &
   qemu_pid=$!
