@@ -37,7 +37,8 @@ berth_fresh_home berth-bench-home
 export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
 memory_mib=1024
 berth config set memory_mib $memory_mib >/dev/null
-berth config set cpus 2 >/dev/null
+cpus=$(berth_guest_cpus)
+berth config set cpus "$cpus" >/dev/null
 berth config set disk_size_gib 8 >/dev/null
 work=$(mktemp -d)
 # On a failure, what the VM, the proxy and dockerd said, so a broken run explains itself.
@@ -69,7 +70,7 @@ drop_page_cache() {
 }
 where="directly on hardware KVM"
 [ "${BERTH_IN_RIG:-0}" = 1 ] && where="in the nested rig (the VM host is the emulated test host: absolute figures are far above hardware, ratios matter)"
-echo "bench: docker benchmarks, $where; guest ${memory_mib} MiB, 2 vCPUs"
+echo "bench: docker benchmarks, $where; guest ${memory_mib} MiB, $cpus vCPU(s)"
 
 # 1. berth start: first (blank data disk), cold page cache, warm.
 first=$(start_ms)

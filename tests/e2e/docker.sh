@@ -21,10 +21,10 @@ check() {
   return "$status"
 }
 
-check config berth config set cpus 2
+check config berth config set cpus "$(berth_guest_cpus)"
 berth config set memory_mib 1024 >/dev/null
 berth config set disk_size_gib 8 >/dev/null
-check start berth start --timeout 600 --no-docker-context || {
+check start berth start --timeout 300 --no-docker-context || {
   echo "--- console"; tail -n 80 "$BERTH_HOME/logs/console.log"
   echo "--- host-proxy"; tail -n 40 "$BERTH_HOME/logs/host-proxy.log"
   exit 1
@@ -77,7 +77,7 @@ check volume-create docker volume create berth-test-volume
 check volume-write docker run --rm -v berth-test-volume:/data berth-test/busybox sh -c "echo $token > /data/token && cat /data/token"
 check stop-vm berth stop
 check status-stopped berth status
-check restart-vm berth start --timeout 600 --no-docker-context
+check restart-vm berth start --timeout 300 --no-docker-context
 check volume-read sh -c "docker run --rm -v berth-test-volume:/data berth-test/busybox cat /data/token | grep -x $token"
 check status-json berth status --json
 check final-stop berth stop
@@ -93,3 +93,4 @@ if [ "$failed" = 1 ]; then
     echo "--- $log"; tail -n 60 "$BERTH_HOME/logs/$log" 2>/dev/null
   done
 fi
+exit "$failed"
