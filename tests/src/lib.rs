@@ -51,18 +51,23 @@ pub fn env() -> Env {
     }
 }
 
-/// How long a whole script may take on the VM host before it is killed.
+/// How long a whole script may take on the VM host before it is killed, unless it says otherwise.
 pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Runs `script` with bash on the VM host and returns its output (`\r` removed). In the rig,
 /// stdout also carries the test host's console, and the script's stderr is merged into it.
 /// The script sees the BERTH_* variables; `$TMPDIR` is writable (a tmpfs in the rig).
 pub fn run_in_vm_host(script: &str) -> Output {
+    run_in_vm_host_for(script, SCRIPT_TIMEOUT)
+}
+
+/// [`run_in_vm_host`], killed after `timeout` instead of [`SCRIPT_TIMEOUT`].
+pub fn run_in_vm_host_for(script: &str, timeout: Duration) -> Output {
     let env = env();
     let mut command = if env.rig_mode == "rig" {
         let mut c = Command::new(&env.rig_run);
         c.arg("--timeout")
-            .arg(SCRIPT_TIMEOUT.as_secs().to_string())
+            .arg(timeout.as_secs().to_string())
             .arg("--")
             .arg("bash")
             .arg("-c")
@@ -70,7 +75,7 @@ pub fn run_in_vm_host(script: &str) -> Output {
         c
     } else {
         let mut c = Command::new("timeout");
-        c.arg(SCRIPT_TIMEOUT.as_secs().to_string())
+        c.arg(timeout.as_secs().to_string())
             .arg("bash")
             .arg("-c")
             .arg(script);
