@@ -389,6 +389,12 @@ mod tests {
             Service::start(test_spec("fake", "echo hello from $$; exec sleep 30", &log)).unwrap();
         wait_until("first start", || service.pid().is_some());
         let first = service.pid().unwrap();
+        // Killed only once it has spoken: a shell killed before its echo logs nothing.
+        wait_until("first run logged", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("hello from {first}\n"))
+        });
         // SAFETY: signals the test's own child.
         unsafe { libc::kill(first, libc::SIGKILL) };
         wait_until("restart", || service.pid().is_some_and(|p| p != first));
