@@ -18,7 +18,9 @@
 #
 # Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
 # kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT,
-# BERTH_RIG_TCG_THREAD (multi, the default, or single: QEMU's TCG threading, for investigations).
+# BERTH_RIG_TCG_THREAD (multi, the default, or single: QEMU's TCG threading, for investigations),
+# BERTH_RIG_NPT (1: the test host's KVM uses nested paging), BERTH_RIG_APPEND (its kernel's
+# extra command line).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -98,7 +100,13 @@ append+=" init=$here/rig-init.sh console=ttyS0 reboot=t panic=-1 loglevel=3"
 # asking for a clock update). QEMU's emulated TSC runs at this machine's TSC rate, so say it.
 tsc_khz=$(awk '/^cpu MHz/ { printf "%d", $4 * 1000; exit }' /proc/cpuinfo)
 [ -n "$tsc_khz" ] && [ "$tsc_khz" -gt 0 ] || die "cannot read this machine's TSC frequency from /proc/cpuinfo"
-append+=" tsc_early_khz=$tsc_khz ${BERTH_RIG_APPEND:-}"
+append+=" tsc_early_khz=$tsc_khz"
+# kvm_amd.npt=0: the test host's KVM runs its guests on shadow page tables, not nested paging.
+# With nested paging (QEMU emulating NPT under TCG) a Berth guest under container load
+# triple-faulted without a kernel message (docker save in tests/bench/docker.sh, one vCPU); with
+# shadow paging the same benchmark ran through. BERTH_RIG_NPT=1 turns nested paging back on.
+[ "${BERTH_RIG_NPT:-0}" = 1 ] || append+=" kvm_amd.npt=0"
+append+=" ${BERTH_RIG_APPEND:-}"
 append+=" berth.rig_scratch=$scratch berth.rig_msize=$msize"
 fs_args=(
   -fsdev "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap"
