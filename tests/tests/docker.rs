@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-/// The whole script's limit: a passing run takes about 4 min in the rig; each `berth start` in it
+/// The whole script's limit: a passing run takes 4–6 min in the rig; each `berth start` in it
 /// gives up after 5 min, so a guest that never gets ready still leaves time to print its logs.
 const TIMEOUT: Duration = Duration::from_secs(720);
 
