@@ -54,10 +54,8 @@ impl RotatingLog {
 
     /// Appends `data`, rotating first if it would take a non-empty file past the limit.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
-        if self.file.is_none() {
-            return Err(Error::Closed(self.path.clone()));
-        }
-        if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
+        // A closed log is never rotated: rotating would open the file again.
+        if self.file.is_some() && self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
         let Some(file) = self.file.as_mut() else {

@@ -4,8 +4,8 @@
 #   - `berth start` to docker-ready: the first start (blank data disk: mkfs, dockerd's first
 #     init), then with the VM host's page cache dropped (cold), then again (warm);
 #   - `docker run --rm IMAGE true`: through the host proxy, and the docker CLI inside the guest;
-#   - API socket throughput: `docker save` of a ~64 MiB image (BERTH_BENCH_SAVE_MIB) through the proxy, and inside the
-#     guest;
+#   - API socket throughput: `docker save` of a ~64 MiB image (BERTH_BENCH_SAVE_MIB) through the
+#     proxy, and inside the guest;
 #   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
 #     says it uses and the memory it was given.
 # Runs on the VM host: directly with hardware KVM, else inside the nested rig.
