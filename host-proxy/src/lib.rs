@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod control;
+pub mod control_api;
 pub mod daemon;
 pub mod disk;
 pub mod hybrid;

@@ -12,11 +12,9 @@ pub use shell::{
     EXIT_NOT_FOUND, MAX_DATA,
 };
 
-/// Bumped on any incompatible change; `Hello` tells each side the other's.
-pub const PROTOCOL_VERSION: u32 = 2;
-
-/// The guest's context ID.
-pub const GUEST_CID: u64 = 3;
+/// Bumped on any incompatible change; `Hello` tells each side the other's. 3: `Subscribe` and
+/// `Event`s, `Unsupported` answers.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Guest port spliced byte for byte to dockerd's `/var/run/docker.sock`.
 pub const DOCKER_API_PORT: u32 = 2375;
 /// Guest port of the control channel (these messages).
@@ -46,6 +44,21 @@ pub enum Request {
     SetClock {
         unix_nanos: u64,
     },
+    /// Answered `Ack`; from then on the agent pushes `Event` frames on this connection (and
+    /// takes no more requests on it) until either side closes it.
+    Subscribe,
+}
+
+impl Request {
+    /// The `type` of every request this side knows, as on the wire.
+    pub const TYPES: [&'static str; 6] = [
+        "hello",
+        "health",
+        "stats",
+        "shutdown",
+        "set_clock",
+        "subscribe",
+    ];
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,9 +82,56 @@ pub enum Response {
         load_avg_1m: String,
     },
     Ack,
+    /// The request was understood and failed.
     Error {
         message: String,
     },
+    /// The request's `type` is one this agent does not know (a newer host); the connection
+    /// lives on.
+    Unsupported {
+        request: String,
+    },
+}
+
+/// What the agent pushes on a `Subscribe` connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A supervised daemon (containerd, dockerd) exited; the supervisor starts it again after
+    /// `restart_in_ms`.
+    DaemonExited {
+        daemon: String,
+        /// How it ended, in words ("exit status 1", "killed by signal 9").
+        status: String,
+        restart_in_ms: u64,
+    },
+    /// A supervised daemon is ready to serve again (dockerd answers on its socket).
+    DaemonReady { daemon: String },
+}
+
+/// Why a frame's body is not a `Request` this side can serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Well-formed, but of a `type` this side does not know: answer `Unsupported`.
+    #[error("unsupported request type {0:?}")]
+    Unsupported(String),
+    /// Not a request at all.
+    #[error("malformed request")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Decodes a control request, telling a request of an unknown `type` (answered `Unsupported`,
+/// the connection lives) from garbage.
+pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(DecodeError::Malformed)?;
+    let kind = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned);
+    serde_json::from_value(value).map_err(|e| match kind {
+        Some(kind) if !Request::TYPES.contains(&kind.as_str()) => DecodeError::Unsupported(kind),
+        _ => DecodeError::Malformed(e),
+    })
 }
 
 /// The first frame on `SHELL_PORT`.
@@ -87,11 +147,11 @@ pub struct ShellRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connection: {0}")]
+    #[error("connection")]
     Io(#[from] std::io::Error),
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     FrameTooLarge(u64),
-    #[error("malformed message: {0}")]
+    #[error("malformed message")]
     Decode(#[from] serde_json::Error),
     #[error("malformed shell frame: {0}")]
     ShellFrame(String),
@@ -113,17 +173,32 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Erro
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<Option<T>, Error> {
+    match read_frame_body(r)? {
+        Some(body) => Ok(Some(serde_json::from_slice(&body)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's body, undecoded (for `decode_request`); `Ok(None)` on a clean end of
+/// stream before a frame starts.
+pub fn read_frame_body(r: &mut impl Read) -> Result<Option<Vec<u8>>, Error> {
     let mut len = [0u8; 4];
     if !read_header(r, &mut len)? {
         return Ok(None);
     }
-    let len = u32::from_be_bytes(len);
+    let len = frame_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
+/// The body length a frame header announces, refused over `MAX_FRAME`.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, Error> {
+    let len = u32::from_be_bytes(header);
     if len > MAX_FRAME {
         return Err(Error::FrameTooLarge(u64::from(len)));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    Ok(Some(serde_json::from_slice(&body)?))
+    Ok(len as usize)
 }
 
 /// Fills `header`; `Ok(false)` on a clean end of stream before its first byte, an error when
@@ -175,6 +250,55 @@ mod tests {
         write_frame(&mut wire, &Response::Ack).unwrap();
         assert_eq!(&wire[..4], &[0, 0, 0, 14]);
         assert_eq!(&wire[4..], br#"{"type":"ack"}"#);
+    }
+
+    #[test]
+    fn unknown_request_types_are_unsupported_and_garbage_is_malformed() {
+        for req in [
+            Request::Hello {
+                protocol_version: 1,
+            },
+            Request::Health,
+            Request::Stats,
+            Request::Shutdown { timeout_secs: 1 },
+            Request::SetClock { unix_nanos: 1 },
+            Request::Subscribe,
+        ] {
+            let body = serde_json::to_vec(&req).unwrap();
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let kind = value["type"].as_str().unwrap();
+            assert!(Request::TYPES.contains(&kind), "{kind} missing from TYPES");
+            assert_eq!(decode_request(&body).unwrap(), req);
+        }
+        assert!(matches!(
+            decode_request(br#"{"type":"balloon","target_mib":5}"#),
+            Err(DecodeError::Unsupported(kind)) if kind == "balloon"
+        ));
+        // A known type with bad fields is malformed, not unsupported.
+        assert!(matches!(
+            decode_request(br#"{"type":"shutdown","timeout_secs":"soon"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(b"[1,2]"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(b"{"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn events_are_tagged_json() {
+        let event = Event::DaemonExited {
+            daemon: "dockerd".into(),
+            status: "killed by signal 9".into(),
+            restart_in_ms: 1000,
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(json.starts_with(r#"{"event":"daemon_exited""#), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
     }
 
     #[test]
