@@ -5,12 +5,29 @@
 # their baselines; each fails the suite when what it times stops working: a VM that misses
 # readiness, a docker command that fails).
 # Fails (non-zero) if anything is missing or fails; no Linux-booting test is ever skipped.
+# A run repeated for the emulator's sake (a test-host death in the rig, a guest reset in the
+# docker e2e or benchmark) is recorded in a fresh $BERTH_RETRY_LOG; at the end, passed or failed,
+# the suite prints how many of each it retried and every one of them (tests/rig/retries.sh).
 #
 #   tests/run-tests.sh [CARGO TEST ARGS...]
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
+# shellcheck source=tests/rig/retries.sh
+. "$repo/tests/rig/retries.sh"
+mkdir -p "$CACHE/rig"
+BERTH_RETRY_LOG=$(mktemp "$CACHE/rig/retries-XXXXXX")
+export BERTH_RETRY_LOG
+# Whatever ends the suite, its retries are told, and its exit status stays its own.
+finish() {
+  local status=$?
+  set +e
+  berth_retry_summary run-tests "$BERTH_RETRY_LOG"
+  rm -f "$BERTH_RETRY_LOG"
+  exit "$status"
+}
+trap finish EXIT
 t0=$SECONDS
 "$repo/tests/setup.sh" > /dev/null
 # shellcheck source=/dev/null
@@ -36,6 +53,9 @@ for attempt in 1 2; do
   # Once more, loudly, only when the guest reset itself under it (see tests/e2e/docker.sh).
   [ "$docker_status" != 0 ] && [ "$attempt" = 1 ] && grep -q 'GUEST-RESET' "$bench_log" || break
   echo "run-tests: WARNING: the guest reset itself during the docker benchmark; running it once more" >&2
+  reset=$(grep -a 'GUEST-RESET' "$bench_log" | tail -n 1 | tr -d '\r')
+  berth_retry_record "guest reset" "docker benchmark (tests/bench/docker.sh)" "$attempt" 2 \
+    "${reset#*GUEST-RESET: }"
 done
 rm -f "$bench_log"
 t_docker=$((SECONDS - t3))

@@ -44,13 +44,9 @@ work=$(mktemp -d)
 # On a failure, what the VM, the proxy and dockerd said, so a broken run explains itself.
 diagnose() {
   echo "bench: FAILED (status $1); the logs:" >&2
-  echo "--- console (kernel and agent)" >&2; tail -n 60 "$BERTH_HOME/logs/console.log" >&2 2>/dev/null || true
-  echo "--- host-proxy" >&2; tail -n 30 "$BERTH_HOME/logs/host-proxy.log" >&2 2>/dev/null || true
-  echo "--- dockerd" >&2; timeout 60 berth logs --source dockerd 2>&1 | tail -n 40 >&2 || true
+  berth_show_logs >&2 || true
   # tests/run-tests.sh runs the benchmark once more after this line (see berth-home.sh).
-  if berth_guest_reset_seen; then
-    echo "bench: GUEST-RESET: the guest reset itself during the run (no reboot was asked for)"
-  fi
+  berth_report_guest_reset bench || true
 }
 trap 'status=$?; [ "$status" = 0 ] || diagnose "$status"; berth stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 

@@ -1,5 +1,10 @@
+# shellcheck shell=bash
 # Sourced by tests/e2e/docker.sh and tests/bench/docker.sh: a Berth of their own, started from
-# scratch, with the binaries of tests/setup.sh (BERTH_VMM names their directory).
+# scratch, with the binaries of tests/setup.sh (BERTH_VMM names their directory); the logs that
+# explain a failed run; the guest-reset check their callers repeat a run on.
+
+# shellcheck source=tests/rig/retries.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../rig/retries.sh"
 
 # berth_fresh_home NAME: an empty $TMPDIR/NAME as BERTH_HOME, with its own berth config and docker
 # config, and the build's berth, berth-host-proxy and berth-vmm first on PATH.
@@ -31,9 +36,35 @@ berth_guest_cpus() {
   fi
 }
 
+# berth_show_logs: what the VM, the host proxy and dockerd said, so that a failed run explains
+# itself: the previous boot's console and this one's, the host proxy's log, and dockerd's log
+# from the VM (when it still runs).
+berth_show_logs() {
+  local log
+  for log in console.log.old console.log host-proxy.log; do
+    if [ -f "$BERTH_HOME/logs/$log" ]; then
+      echo "--- $log (last 60 lines)"
+      tail -n 60 "$BERTH_HOME/logs/$log"
+    else
+      echo "--- $log: none"
+    fi
+  done
+  echo "--- dockerd (last 40 lines)"
+  timeout 60 berth logs --source dockerd 2>&1 | tail -n 40
+}
+
 # Nothing in these scripts asks the guest to reboot: a reboot or crash in the proxy's log is the
 # guest resetting itself (seen in the rig with two vCPUs, see berth_guest_cpus: a triple fault
 # without a kernel message, or the int3 panic). The callers repeat such a run, loudly.
-berth_guest_reset_seen() {
-  grep -qE "VMM exited: the guest (rebooted|crashed|kernel panicked)" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null
+berth_guest_reset_pattern="VMM exited: the guest (rebooted|crashed|kernel panicked).*"
+
+# berth_report_guest_reset PREFIX: when the guest reset itself, prints the line its callers look
+# for, "PREFIX: GUEST-RESET: " and the evidence (the host proxy's line, what the consoles show);
+# else prints nothing and fails.
+berth_report_guest_reset() {
+  local proxy
+  proxy=$(grep -aoE "$berth_guest_reset_pattern" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null | tail -n 1)
+  [ -n "$proxy" ] || return 1
+  echo "$1: GUEST-RESET: the guest reset itself during the run (no reboot was asked for); host proxy: $proxy;" \
+    "$(berth_console_evidence "$BERTH_HOME/logs/console.log.old" "$BERTH_HOME/logs/console.log")"
 }

@@ -25,8 +25,7 @@ check config berth config set cpus "$(berth_guest_cpus)"
 berth config set memory_mib 1024 >/dev/null
 berth config set disk_size_gib 8 >/dev/null
 check start berth start --timeout 300 --no-docker-context || {
-  echo "--- console"; tail -n 80 "$BERTH_HOME/logs/console.log"
-  echo "--- host-proxy"; tail -n 40 "$BERTH_HOME/logs/host-proxy.log"
+  berth_show_logs
   exit 1
 }
 check start-again berth start
@@ -84,13 +83,9 @@ check final-stop berth stop
 check stop-again berth stop
 rm -rf "$work"
 # tests/tests/docker.rs repeats a run in which the guest reset itself (see berth-home.sh).
-if berth_guest_reset_seen; then
-  echo "e2e: GUEST-RESET: the guest reset itself during the run (no reboot was asked for)"
-fi
-# A failed step explains itself: what the VM and the host proxy said, this start and the last.
+berth_report_guest_reset e2e
+# A failed step explains itself: what the VM, the host proxy and dockerd said.
 if [ "$failed" = 1 ]; then
-  for log in console.log.old console.log host-proxy.log; do
-    echo "--- $log"; tail -n 60 "$BERTH_HOME/logs/$log" 2>/dev/null
-  done
+  berth_show_logs
 fi
 exit "$failed"

@@ -3,7 +3,7 @@
 # software emulation of an AMD CPU that has SVM. Needed where /dev/kvm cannot boot Linux guests
 # (kvm_pvm); on a machine with hardware KVM the tests run directly instead (tests/rig/detect.sh).
 #
-#   tests/rig/run-in-rig.sh [--memory MIB] [--cpus N] [--timeout S] [--share DIR]... -- COMMAND...
+#   tests/rig/run-in-rig.sh [--memory MIB] [--cpus N] [--timeout S] [--share DIR]... [--name WHAT] -- COMMAND...
 #
 # The test host's root filesystem is this machine's, read-only over virtio-9p, so binaries,
 # kernels, images and tools are at the same paths inside. Writable inside: tmpfs on /tmp, /run,
@@ -15,6 +15,11 @@
 # Exit status: the command's; 124 if the rig was killed after --timeout seconds; 125 if the test
 # host stopped without the command's status (it did not boot, or crashed) or the rig could not
 # start.
+#
+# A test host that dies without the command's status is booted again, up to three boots; each
+# repeat warns on stderr and, when $BERTH_RETRY_LOG names a file, is recorded there as a
+# `test-host death` (tests/rig/retries.sh) of WHAT (--name; default: the command), with QEMU's
+# status and what the test host's console showed last.
 #
 # Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
 # kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT,
@@ -33,6 +38,9 @@ timeout=${BERTH_RIG_TIMEOUT:-900}
 msize=${BERTH_RIG_MSIZE:-512000}
 tcg_thread=${BERTH_RIG_TCG_THREAD:-multi}
 shares=()
+what=
+# shellcheck source=tests/rig/retries.sh
+. "$here/retries.sh"
 
 die() { echo "run-in-rig: error: $*" >&2; exit 125; }
 usage() { sed -n '6p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2; exit 125; }
@@ -43,12 +51,20 @@ while [ $# -gt 0 ]; do
     --cpus) cpus=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
     --share) shares+=("$(cd "$2" && pwd)") || die "--share $2: no such directory"; shift 2 ;;
+    --name) what=$2; shift 2 ;;
     --) shift; break ;;
     -h|--help) usage ;;
     *) usage ;;
   esac
 done
 [ $# -gt 0 ] || usage
+# What the retry log calls this run: the command, on one line, paths in this checkout relative.
+if [ -z "$what" ]; then
+  what=$(printf '%s ' "$@" | tr -s '\n\t ' '   ')
+  what=${what//"$repo/"/}
+  what=${what% }
+  [ ${#what} -le 80 ] || what="${what:0:77}..."
+fi
 
 # The test host puts tmpfs on /tmp, /var/tmp, /run and /dev/shm; a checkout there (CI may clone
 # into /tmp) would vanish inside, so it comes in as a share at its own path.
@@ -123,13 +139,16 @@ for i in "${!shares[@]}"; do
 done
 
 # One boot of the test host; sets $elapsed, returns 0 with $scratch/status written, 124 on
-# timeout, 125 when the test host stopped without the command's status.
+# timeout, 125 when the test host stopped without the command's status. Its console goes to
+# stdout and, for the evidence of a death, to $console (this boot's only).
+console=$scratch/test-host-console.log
 boot_test_host() {
   rm -f "$scratch/status"
   start=$(date +%s.%N)
   # stdin is /dev/null: the console is output only, and a terminal is never put in raw mode.
   "$qemu" -M microvm,acpi=off -accel "tcg,thread=$tcg_thread" -cpu max -m "$memory" -smp "$cpus" \
-    -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -chardev "stdio,id=console,logfile=$console,logappend=off" -serial chardev:console \
     -kernel "$kernel" -append "$append" "${fs_args[@]}" < /dev/null &
   qemu_pid=$!
 
@@ -155,7 +174,8 @@ boot_test_host() {
 
 # The emulated test host itself sometimes dies (seen: an int3 oops at a kernel text-patching site
 # under multi-threaded TCG, about once in tens of nested VM starts). That is the emulator's fault,
-# not a result of the command, so such a run is repeated (up to three attempts), loudly. A timeout is not retried.
+# not a result of the command, so such a run is repeated (up to three attempts), loudly and on the
+# record (tests/rig/retries.sh). A timeout is not retried.
 attempt=1
 while :; do
   result=0
@@ -169,6 +189,9 @@ while :; do
     die "the test host stopped without an exit status from the command (QEMU status $qemu_status, ${elapsed}s), three times: it did not boot or it crashed; see its console above"
   fi
   echo "run-in-rig: WARNING: the test host died without the command's status (QEMU status $qemu_status, ${elapsed}s); running the command once more in a fresh test host" >&2
+  berth_retry_record "test-host death" "$what" "$attempt" 3 \
+    "QEMU status $qemu_status after ${elapsed}s; $(berth_console_evidence "$console")" \
+    || die "the retry could not be recorded"
   attempt=$((attempt + 1))
 done
 status=$(cat "$scratch/status")

@@ -7,9 +7,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use berth_tests::RetryKind;
+
 /// The whole script's limit: a passing run takes 4–6 min in the rig; each `berth start` in it
 /// gives up after 5 min, so a guest that never gets ready still leaves time to print its logs.
 const TIMEOUT: Duration = Duration::from_secs(720);
+
+/// Runs of the script at most, when the guest keeps resetting itself.
+const ATTEMPTS: u32 = 3;
 
 /// Each check's verdict and output, from the script's `ok NAME` / `FAIL NAME` lines.
 fn checks(stdout: &str) -> HashMap<String, (bool, String)> {
@@ -42,18 +47,27 @@ fn checks(stdout: &str) -> HashMap<String, (bool, String)> {
 fn docker_cli_drives_dockerd_in_the_vm() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/docker.sh");
     // A run in which the guest reset itself (the script says GUEST-RESET; nothing asked for a
-    // reboot) is repeated, loudly, up to three runs in all: the emulated rig's failure (see
-    // berth_guest_cpus in e2e/berth-home.sh). Any other failure counts at once.
+    // reboot) is repeated, loudly and on the suite's record, up to three runs in all: the
+    // emulated rig's failure (see berth_guest_cpus in e2e/berth-home.sh). Any other failure
+    // counts at once.
     let mut attempt = 1;
     let (output, stdout) = loop {
         let output =
             berth_tests::run_in_vm_host_for(&format!("bash {}", script.display()), TIMEOUT);
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         println!("{stdout}");
-        if !stdout.contains("e2e: GUEST-RESET") || attempt == 3 {
-            break (output, stdout);
-        }
+        let reset = match berth_tests::guest_reset(&stdout) {
+            Some(evidence) if attempt < ATTEMPTS => evidence,
+            _ => break (output, stdout),
+        };
         eprintln!("WARNING: the guest reset itself during e2e run {attempt}; running it again");
+        berth_tests::record_retry(
+            RetryKind::GuestReset,
+            "docker e2e (tests/e2e/docker.sh)",
+            attempt,
+            ATTEMPTS,
+            reset,
+        );
         attempt += 1;
     };
     let checks = checks(&stdout);
