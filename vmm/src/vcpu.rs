@@ -1,7 +1,7 @@
 //! The vCPU threads: each runs its vCPU, routes port and MMIO exits to the buses, and reports
 //! why the guest stopped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -10,12 +10,12 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::hypervisor::{Vcpu, VmExit};
+use crate::hypervisor::{Crash, Vcpu, VmExit};
 
-/// KVM_SYSTEM_EVENT_* kinds.
-const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
-const SYSTEM_EVENT_RESET: u32 = 2;
-const SYSTEM_EVENT_CRASH: u32 = 3;
+/// How many requests the VMM does not model are logged, over all vCPUs: the guest can repeat
+/// them.
+const UNSUPPORTED_LOGGED: u32 = 10;
+static UNSUPPORTED_SEEN: AtomicU32 = AtomicU32::new(0);
 
 /// What every vCPU thread shares.
 #[derive(Clone)]
@@ -58,13 +58,17 @@ fn handle_exit(exit: VmExit<'_>, ctx: &VcpuContext) -> Option<ExitReason> {
             }
         }
         VmExit::Hlt => return Some(ExitReason::Halted),
+        VmExit::PowerOff => return Some(ExitReason::PowerOff),
+        VmExit::Reset => return Some(ExitReason::Reset),
         // Linux reboots through the keyboard controller or ACPI (`reboot=k`), never by triple
         // fault unless those fail, and it says `reboot:` first: this is a crash.
-        VmExit::Shutdown => return Some(ExitReason::Crashed(String::new())),
-        VmExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN) => return Some(ExitReason::PowerOff),
-        VmExit::SystemEvent(SYSTEM_EVENT_RESET) => return Some(ExitReason::Reset),
-        VmExit::SystemEvent(SYSTEM_EVENT_CRASH) => return Some(ExitReason::Panic),
-        VmExit::SystemEvent(kind) => tracing::warn!("ignored system event {kind}"),
+        VmExit::Crash(Crash::CpuFault) => return Some(ExitReason::Crashed(String::new())),
+        VmExit::Crash(Crash::GuestReported) => return Some(ExitReason::Panic),
+        VmExit::Unsupported(what) => {
+            if UNSUPPORTED_SEEN.fetch_add(1, Ordering::Relaxed) < UNSUPPORTED_LOGGED {
+                tracing::warn!("the guest asked for {what}, which the VMM ignores");
+            }
+        }
         VmExit::Interrupted => {}
         VmExit::Failed(why) => return Some(ExitReason::Error(why)),
     }
@@ -76,13 +80,13 @@ pub fn run_vcpu(id: u8, mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     while !ctx.stop.load(Ordering::SeqCst) {
         let stop = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx),
-            Err(e) => Some(ExitReason::Error(format!("vCPU {id}: {e}"))),
+            Err(e) => Some(ExitReason::Error(format!("vCPU {id}: {}", chain(&e)))),
         };
         if let Some(reason) = stop {
             let reason = match reason {
                 ExitReason::Crashed(_) => {
                     let state = format!("vCPU {id}: {}", vcpu.describe_state());
-                    tracing::error!("triple fault: {state}");
+                    tracing::error!("the guest crashed on a fault it could not deliver: {state}");
                     ExitReason::Crashed(state)
                 }
                 other => other,
@@ -92,6 +96,18 @@ pub fn run_vcpu(id: u8, mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
             return;
         }
     }
+}
+
+/// `error: cause: cause` on one line: `ExitReason::Error` carries text, not the error.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// Starts vCPU `id` on a thread of its own.
@@ -135,17 +151,30 @@ mod tests {
             stop: Arc::new(AtomicBool::new(false)),
         };
         assert_eq!(
-            handle_exit(VmExit::Shutdown, &ctx),
+            handle_exit(VmExit::Crash(Crash::CpuFault), &ctx),
             Some(ExitReason::Crashed(String::new()))
         );
+        assert_eq!(handle_exit(VmExit::Reset, &ctx), Some(ExitReason::Reset));
         assert_eq!(
-            handle_exit(VmExit::SystemEvent(SYSTEM_EVENT_RESET), &ctx),
-            Some(ExitReason::Reset)
-        );
-        assert_eq!(
-            handle_exit(VmExit::SystemEvent(SYSTEM_EVENT_CRASH), &ctx),
+            handle_exit(VmExit::Crash(Crash::GuestReported), &ctx),
             Some(ExitReason::Panic)
         );
+        assert_eq!(
+            handle_exit(VmExit::PowerOff, &ctx),
+            Some(ExitReason::PowerOff)
+        );
+        assert_eq!(handle_exit(VmExit::Unsupported("a suspend"), &ctx), None);
         assert_eq!(ExitReason::Crashed(String::new()).exit_code(), 4);
+    }
+
+    #[test]
+    fn a_failed_run_reports_the_operation_and_its_cause() {
+        let e = crate::hypervisor::Error::Call {
+            op: "VCPU_RUN",
+            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+        };
+        let text = chain(&e);
+        assert!(text.starts_with("VCPU_RUN failed: "), "{text}");
+        assert!(text.contains("Bad address"), "{text}");
     }
 }

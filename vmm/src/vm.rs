@@ -17,7 +17,7 @@ use crate::devices::virtio::vsock::{Muxer, Vsock};
 use crate::devices::virtio::{self, Block, MmioTransport, Rng, VirtioDevice};
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::hypervisor::{self, kvm::KvmHypervisor, Hypervisor, Vm};
+use crate::hypervisor::{self, Hypervisor, Vm};
 use crate::memory::GuestMemory;
 use crate::vcpu::{self, VcpuContext};
 
@@ -215,8 +215,8 @@ fn kernel_cmdline(device_args: &[String], user: &str) -> String {
 /// Boots the VM described by `config` and runs it until it stops.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     config.validate()?;
-    let hv = KvmHypervisor::new()?;
-    let mut machine = Machine::new(&hv, config)?;
+    let hv = hypervisor::open()?;
+    let mut machine = Machine::new(hv.as_ref(), config)?;
     let (exit, exits) = ExitNotifier::new();
     let panicked = Arc::new(AtomicBool::new(false));
     machine.add_legacy_devices(config, &exit, panicked.clone())?;

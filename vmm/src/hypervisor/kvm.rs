@@ -1,25 +1,35 @@
-//! The KVM backend of the hypervisor traits: the only place in the VMM that imports KVM.
+//! The KVM backend of the hypervisor traits (Linux): the only place in the VMM that imports
+//! KVM. It maps KVM's exits onto the neutral `VmExit`.
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SEV_TERM, KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_SUSPEND,
+    KVM_SYSTEM_EVENT_WAKEUP,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BootState, CpuidEntry, Error, Hypervisor, Result, Segment, Vcpu, Vm, VmExit};
+use super::x86_64::{BootState, CpuidEntry, Segment, X86Hypervisor, X86Vcpu};
+use super::{Crash, Error, Hypervisor, Result, Vcpu, Vm, VmExit};
 
 /// Where KVM puts the three pages of its TSS, just below the 4 GiB BIOS area.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
-pub struct KvmHypervisor {
+/// Opens `/dev/kvm` and checks that it offers what the VMM uses.
+pub(super) fn open() -> Result<Box<dyn Hypervisor>> {
+    Ok(Box::new(KvmHypervisor::new()?))
+}
+
+struct KvmHypervisor {
     kvm: Kvm,
 }
 
 impl KvmHypervisor {
-    pub fn new() -> Result<Self> {
+    fn new() -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| Error::Open {
-            path: "/dev/kvm",
+            what: "/dev/kvm",
             source: e.into(),
         })?;
         let version = kvm.get_api_version();
@@ -47,24 +57,26 @@ impl Hypervisor for KvmHypervisor {
         let fd = self
             .kvm
             .create_vm()
-            .map_err(|e| Error::ioctl("KVM_CREATE_VM", e))?;
+            .map_err(|e| Error::call("KVM_CREATE_VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(|e| Error::ioctl("KVM_SET_TSS_ADDR", e))?;
+            .map_err(|e| Error::call("KVM_SET_TSS_ADDR", e))?;
         Ok(Box::new(KvmVm { fd }))
     }
+}
 
+impl X86Hypervisor for KvmHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", e))?;
         Ok(cpuid
             .as_slice()
             .iter()
             .map(|e| CpuidEntry {
                 function: e.function,
                 index: e.index,
-                flags: e.flags,
+                significant_index: e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
                 eax: e.eax,
                 ebx: e.ebx,
                 ecx: e.ecx,
@@ -95,39 +107,39 @@ impl Vm for KvmVm {
         };
         // SAFETY: the caller guarantees the host range stays mapped for the life of the VM.
         unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+            .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", e))
     }
 
     fn create_irq_controller(&self) -> Result<()> {
         self.fd
             .create_irq_chip()
-            .map_err(|e| Error::ioctl("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", e))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         self.fd
             .create_pit2(pit)
-            .map_err(|e| Error::ioctl("KVM_CREATE_PIT2", e))
+            .map_err(|e| Error::call("KVM_CREATE_PIT2", e))
     }
 
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .register_irqfd(event, gsi)
-            .map_err(|e| Error::ioctl("KVM_IRQFD", e))
+            .map_err(|e| Error::call("KVM_IRQFD", e))
     }
 
     fn register_ioeventfd(&self, event: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
         self.fd
             .register_ioevent(event, &IoEventAddress::Mmio(addr), datamatch)
-            .map_err(|e| Error::ioctl("KVM_IOEVENTFD", e))
+            .map_err(|e| Error::call("KVM_IOEVENTFD", e))
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
-            .map_err(|e| Error::ioctl("KVM_CREATE_VCPU", e))?;
+            .map_err(|e| Error::call("KVM_CREATE_VCPU", e))?;
         Ok(Box::new(KvmVcpu { fd }))
     }
 }
@@ -191,33 +203,21 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
     .collect()
 }
 
-impl Vcpu for KvmVcpu {
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
-        let kvm_entries: Vec<kvm_cpuid_entry2> = entries
-            .iter()
-            .map(|e| kvm_cpuid_entry2 {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-                ..Default::default()
-            })
-            .collect();
-        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| {
-            Error::ioctl(
-                "KVM_SET_CPUID2",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
-        })?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))
+/// What a KVM_EXIT_SYSTEM_EVENT of this kind means.
+fn system_event(kind: u32) -> VmExit<'static> {
+    match kind {
+        KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+        KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+        KVM_SYSTEM_EVENT_CRASH => VmExit::Crash(Crash::GuestReported),
+        KVM_SYSTEM_EVENT_WAKEUP => VmExit::Unsupported("a wakeup system event"),
+        KVM_SYSTEM_EVENT_SUSPEND => VmExit::Unsupported("a suspend"),
+        KVM_SYSTEM_EVENT_SEV_TERM => VmExit::Unsupported("an SEV termination request"),
+        _ => VmExit::Unsupported("a system event of an unknown kind"),
     }
+}
 
-    fn set_boot_state(&self, state: &BootState) -> Result<()> {
+impl KvmVcpu {
+    fn set_registers(&self, state: &BootState) -> Result<()> {
         let regs = kvm_regs {
             rip: state.rip,
             rsp: state.rsp,
@@ -229,12 +229,12 @@ impl Vcpu for KvmVcpu {
         };
         self.fd
             .set_regs(&regs)
-            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+            .map_err(|e| Error::call("KVM_SET_REGS", e))?;
 
         let mut sregs = self
             .fd
             .get_sregs()
-            .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+            .map_err(|e| Error::call("KVM_GET_SREGS", e))?;
         sregs.cs = kvm_segment(&state.code);
         let data = kvm_segment(&state.data);
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
@@ -247,8 +247,10 @@ impl Vcpu for KvmVcpu {
         sregs.efer = state.efer;
         self.fd
             .set_sregs(&sregs)
-            .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            .map_err(|e| Error::call("KVM_SET_SREGS", e))
+    }
 
+    fn set_fpu_and_msrs(&self) -> Result<()> {
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -256,26 +258,61 @@ impl Vcpu for KvmVcpu {
         };
         self.fd
             .set_fpu(&fpu)
-            .map_err(|e| Error::ioctl("KVM_SET_FPU", e))?;
+            .map_err(|e| Error::call("KVM_SET_FPU", e))?;
 
         let entries = boot_msrs();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| {
-            Error::ioctl(
-                "KVM_SET_MSRS",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
+        let msrs = Msrs::from_entries(&entries).map_err(|source| Error::TooManyEntries {
+            op: "KVM_SET_MSRS",
+            count: entries.len(),
+            source,
         })?;
         let written = self
             .fd
             .set_msrs(&msrs)
-            .map_err(|e| Error::ioctl("KVM_SET_MSRS", e))?;
+            .map_err(|e| Error::call("KVM_SET_MSRS", e))?;
         if written != entries.len() {
-            return Err(Error::ioctl(
-                "KVM_SET_MSRS",
-                std::io::Error::from_raw_os_error(libc::EINVAL),
-            ));
+            return Err(Error::PartialWrite {
+                op: "KVM_SET_MSRS",
+                accepted: written,
+                wanted: entries.len(),
+            });
         }
         Ok(())
+    }
+}
+
+impl X86Vcpu for KvmVcpu {
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        let kvm_entries: Vec<kvm_cpuid_entry2> = entries
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: if e.significant_index {
+                    KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|source| Error::TooManyEntries {
+            op: "KVM_SET_CPUID2",
+            count: kvm_entries.len(),
+            source,
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::call("KVM_SET_CPUID2", e))
+    }
+
+    fn set_boot_state(&self, state: &BootState) -> Result<()> {
+        self.set_registers(state)?;
+        self.set_fpu_and_msrs()
     }
 
     fn setup_lapic(&self) -> Result<()> {
@@ -286,7 +323,7 @@ impl Vcpu for KvmVcpu {
         let mut lapic = self
             .fd
             .get_lapic()
-            .map_err(|e| Error::ioctl("KVM_GET_LAPIC", e))?;
+            .map_err(|e| Error::call("KVM_GET_LAPIC", e))?;
         let set_mode = |regs: &mut [std::os::raw::c_char], offset: usize, mode: u32| {
             let mut bytes = [0u8; 4];
             for (i, b) in bytes.iter_mut().enumerate() {
@@ -301,9 +338,11 @@ impl Vcpu for KvmVcpu {
         set_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
         self.fd
             .set_lapic(&lapic)
-            .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))
+            .map_err(|e| Error::call("KVM_SET_LAPIC", e))
     }
+}
 
+impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VmExit<'_>> {
         match self.fd.run() {
             Ok(exit) => Ok(match exit {
@@ -312,8 +351,10 @@ impl Vcpu for KvmVcpu {
                 VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
                 VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
                 VcpuExit::Hlt => VmExit::Hlt,
-                VcpuExit::Shutdown => VmExit::Shutdown,
-                VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(kind),
+                // Nothing asks for a reset by triple fault: a PC's reset comes through the
+                // keyboard controller or ACPI, which the VMM's own devices answer.
+                VcpuExit::Shutdown => VmExit::Crash(Crash::CpuFault),
+                VcpuExit::SystemEvent(kind, _) => system_event(kind),
                 VcpuExit::Intr => VmExit::Interrupted,
                 VcpuExit::FailEntry(reason, cpu) => VmExit::Failed(format!(
                     "entry failed: hardware reason {reason:#x} on cpu {cpu}"
@@ -324,7 +365,7 @@ impl Vcpu for KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Ok(VmExit::Interrupted)
             }
-            Err(e) => Err(Error::ioctl("KVM_RUN", e)),
+            Err(e) => Err(Error::call("KVM_RUN", e)),
         }
     }
 
@@ -354,5 +395,31 @@ impl Vcpu for KvmVcpu {
             sregs.gdt.base,
             sregs.gdt.limit
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_events_map_onto_what_the_guest_asked_for() {
+        assert!(matches!(
+            system_event(KVM_SYSTEM_EVENT_SHUTDOWN),
+            VmExit::PowerOff
+        ));
+        assert!(matches!(
+            system_event(KVM_SYSTEM_EVENT_RESET),
+            VmExit::Reset
+        ));
+        assert!(matches!(
+            system_event(KVM_SYSTEM_EVENT_CRASH),
+            VmExit::Crash(Crash::GuestReported)
+        ));
+        assert!(matches!(
+            system_event(KVM_SYSTEM_EVENT_SUSPEND),
+            VmExit::Unsupported(_)
+        ));
+        assert!(matches!(system_event(99), VmExit::Unsupported(_)));
     }
 }

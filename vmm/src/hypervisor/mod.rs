@@ -1,32 +1,60 @@
 //! The hypervisor abstraction: what the VMM needs from KVM (today) or Hypervisor.framework and
-//! the Windows Hypervisor Platform (later). Only `kvm.rs` imports KVM; everything else in the
-//! VMM speaks these traits and types.
+//! the Windows Hypervisor Platform (later), and `open()`, which picks the backend. Each backend
+//! is one file here (`kvm.rs`); only this module says which are built for which host, and
+//! nothing outside it names one. The generic traits carry what every backend does; the
+//! architecture's vCPU state (`x86_64.rs`) is a supertrait chosen here once.
 
-pub mod kvm;
+#[cfg(target_os = "linux")]
+mod kvm;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{BootState, CpuidEntry, Segment, X86Hypervisor, X86Vcpu};
+#[cfg(target_arch = "x86_64")]
+use self::x86_64::{X86Hypervisor as ArchHypervisor, X86Vcpu as ArchVcpu};
 
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the hypervisor ({path}): {source}")]
+    #[error("opening the hypervisor ({what}) failed")]
     Open {
-        path: &'static str,
+        what: &'static str,
+        #[source]
         source: std::io::Error,
     },
     #[error("hypervisor API version {0} is not supported")]
     ApiVersion(i32),
     #[error("the hypervisor lacks a required capability: {0}")]
     MissingCapability(&'static str),
-    #[error("{op} failed: {source}")]
-    Ioctl {
+    #[error("no hypervisor backend is built for this host")]
+    NoBackend,
+    /// A call into the hypervisor failed; `op` is the backend's name for it (`KVM_CREATE_VM`).
+    #[error("{op} failed")]
+    Call {
         op: &'static str,
+        #[source]
         source: std::io::Error,
+    },
+    #[error("building the {count} entries for {op} failed")]
+    TooManyEntries {
+        op: &'static str,
+        count: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("{op} took {accepted} of {wanted} entries")]
+    PartialWrite {
+        op: &'static str,
+        accepted: usize,
+        wanted: usize,
     },
 }
 
 impl Error {
-    pub(crate) fn ioctl(op: &'static str, e: impl Into<std::io::Error>) -> Self {
-        Error::Ioctl {
+    pub(crate) fn call(op: &'static str, e: impl Into<std::io::Error>) -> Self {
+        Error::Call {
             op,
             source: e.into(),
         }
@@ -35,59 +63,65 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// One CPUID leaf/subleaf as the guest will see it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuidEntry {
-    pub function: u32,
-    pub index: u32,
-    /// Non-zero when `index` is significant (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).
-    pub flags: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
+/// A hypervisor backend this build can use.
+pub struct Backend {
+    /// How logs and tests name it ("KVM").
+    pub name: &'static str,
+    open: fn() -> Result<Box<dyn Hypervisor>>,
 }
 
-/// An x86 segment descriptor in the form the hypervisor loads it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
-    pub base: u64,
-    pub limit: u32,
-    pub selector: u16,
-    pub type_: u8,
-    pub present: bool,
-    pub dpl: u8,
-    /// Default operand size 32-bit.
-    pub db: bool,
-    /// Code/data (true) rather than system segment.
-    pub s: bool,
-    /// 64-bit code segment.
-    pub l: bool,
-    /// Limit in 4 KiB units.
-    pub g: bool,
+impl Backend {
+    /// Opens this backend; fails when the host does not offer it (no `/dev/kvm`, say).
+    pub fn open(&self) -> Result<Box<dyn Hypervisor>> {
+        (self.open)()
+    }
 }
 
-/// The register state a vCPU starts the guest kernel with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BootState {
-    pub rip: u64,
-    pub rsp: u64,
-    pub rbp: u64,
-    pub rsi: u64,
-    pub rbx: u64,
-    pub rflags: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub code: Segment,
-    pub data: Segment,
-    pub tss: Segment,
-    pub gdt: (u64, u16),
-    pub idt: (u64, u16),
+/// The backends built for this host OS, the preferred first. Hypervisor.framework (macOS) and
+/// WHP (Windows) become a file beside `kvm.rs` and a line here.
+#[cfg(target_os = "linux")]
+const BACKENDS: &[Backend] = &[Backend {
+    name: "KVM",
+    open: kvm::open,
+}];
+#[cfg(not(target_os = "linux"))]
+const BACKENDS: &[Backend] = &[];
+
+/// Every backend built for this host, whether or not the host offers it right now.
+pub fn backends() -> &'static [Backend] {
+    BACKENDS
 }
 
-/// Why a vCPU returned to the VMM.
+/// Opens the first backend the host offers. When none opens, the error is the preferred
+/// backend's (the one a user most likely has to fix).
+pub fn open() -> Result<Box<dyn Hypervisor>> {
+    let mut first_error = None;
+    for backend in backends() {
+        match backend.open() {
+            Ok(hv) => {
+                tracing::info!("hypervisor: {}", backend.name);
+                return Ok(hv);
+            }
+            Err(e) => {
+                tracing::debug!("hypervisor {} is not available: {e}", backend.name);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or(Error::NoBackend))
+}
+
+/// How a guest crashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// The vCPU met a fault it could not deliver and stopped, with nothing having asked for a
+    /// reset: on x86 a triple fault.
+    CpuFault,
+    /// The guest told the hypervisor that it crashed (a paravirtual crash report).
+    GuestReported,
+}
+
+/// Why a vCPU returned to the VMM, in terms every backend can map its exits onto.
 #[derive(Debug)]
 pub enum VmExit<'a> {
     IoIn {
@@ -108,21 +142,23 @@ pub enum VmExit<'a> {
     },
     /// The vCPU executed HLT (only seen without an in-kernel interrupt controller).
     Hlt,
-    /// The vCPU shut down: on x86 a triple fault.
-    Shutdown,
-    /// The hypervisor reported a system event (reset, shutdown, crash) of this kind.
-    SystemEvent(u32),
+    /// The guest asked the hypervisor to power the machine off.
+    PowerOff,
+    /// The guest asked the hypervisor to reset the machine.
+    Reset,
+    /// The guest crashed.
+    Crash(Crash),
+    /// The guest asked for something this VMM does not model (a suspend, say); it runs on.
+    Unsupported(&'static str),
     /// The run was interrupted by a signal, e.g. to stop the vCPU.
     Interrupted,
     /// The hypervisor could not enter or continue the guest; the text says why.
     Failed(String),
 }
 
-/// A hypervisor: makes VMs and says what the host CPU offers.
-pub trait Hypervisor: Send + Sync {
+/// A hypervisor: makes VMs. Its architecture part says what the host CPU offers.
+pub trait Hypervisor: ArchHypervisor + Send + Sync {
     fn create_vm(&self) -> Result<Box<dyn Vm>>;
-    /// The CPUID leaves the hypervisor can expose, before the VMM's own adjustments.
-    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
 }
 
 /// A virtual machine: its memory, interrupt controller and vCPUs.
@@ -138,7 +174,8 @@ pub trait Vm: Send + Sync {
         size: u64,
         host_addr: u64,
     ) -> Result<()>;
-    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
+    /// Creates the platform's interrupt controllers and timer in the hypervisor (on x86 the
+    /// PIC, IOAPIC, local APICs and PIT).
     fn create_irq_controller(&self) -> Result<()>;
     /// Makes every write to `event` raise interrupt line `gsi`.
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
@@ -147,17 +184,13 @@ pub trait Vm: Send + Sync {
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
 }
 
-/// One virtual CPU. `run` is called from the vCPU's own thread.
-pub trait Vcpu: Send {
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
-    /// Loads the boot state, FPU defaults and boot MSRs.
-    fn set_boot_state(&self, state: &BootState) -> Result<()>;
-    /// Sets up the local APIC's LINT0 (ExtINT) and LINT1 (NMI) as a PC expects.
-    fn setup_lapic(&self) -> Result<()>;
+/// One virtual CPU. `run` is called from the vCPU's own thread; the architecture part sets its
+/// registers before the first run.
+pub trait Vcpu: ArchVcpu + Send {
     fn run(&mut self) -> Result<VmExit<'_>>;
     /// Makes the next `run` return `Interrupted` at once (cleared by the VMM).
     fn set_immediate_exit(&mut self, exit: bool);
-    /// The vCPU's registers in one line (instruction pointer, control registers, segments),
-    /// for the log when the guest crashed.
+    /// The vCPU's registers in one line, instruction pointer first (on x86 `rip=0x...`, then
+    /// control registers and segments), for the log when the guest crashed.
     fn describe_state(&self) -> String;
 }

@@ -67,7 +67,7 @@ mod tests {
             ebx: 0xffff_ffff,
             ecx: 0,
             edx: 0,
-            flags: 0,
+            significant_index: false,
         }
     }
 
