@@ -34,7 +34,7 @@ phase() {
 # 1. Debian packages.
 # busybox-static: the e2e tests and benchmarks make their container images from it (no registry
 # is reachable); bsdutils: `script`, the pseudo-terminal for `docker run -it`.
-packages=(qemu-system-x86 debootstrap linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
+packages=(qemu-system-x86 debootstrap curl jq linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
   xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils)
 # The docker CLI the tests drive: whichever is on PATH, else Debian's (docker.io carries it).
 command -v docker >/dev/null || packages+=(docker.io)

@@ -79,7 +79,22 @@ check status-stopped berth status
 check restart-vm berth start --timeout 300 --no-docker-context
 check volume-read sh -c "docker run --rm -v berth-test-volume:/data berth-test/busybox cat /data/token | grep -x $token"
 check status-json berth status --json
+check status-json-running sh -c 'berth status --json | jq -e ".state == \"running\" and .guest.protocol_version == .guest.host_protocol_version and .api_version == 1"'
+
+# The control API, as the tray app and scripts use it: curl on berth.sock.
+api=$BERTH_HOME/run/berth.sock
+check api-status sh -c "curl -sS --fail-with-body --unix-socket '$api' http://berth/v1/status | jq -e '.state == \"running\" and .sockets.docker != null'"
+check api-not-found sh -c "code=\$(curl -sS -o '$work/api-404' -w '%{http_code}' --unix-socket '$api' http://berth/v2/status); cat '$work/api-404'; echo; [ \"\$code\" = 404 ] && jq -e '.code == \"not_found\"' '$work/api-404'"
+check api-bad-body sh -c "code=\$(curl -sS -o '$work/api-400' -w '%{http_code}' --unix-socket '$api' -X POST -d '{\"timeout_secs\": \"soon\"}' http://berth/v1/stop); cat '$work/api-400'; echo; [ \"\$code\" = 400 ] && jq -e '.code == \"bad_request\"' '$work/api-400'"
+# A second client follows the event stream while the CLI stops the VM.
+curl -sSN --unix-socket "$api" http://berth/v1/events > "$work/events" 2>&1 &
+events_pid=$!
+sleep 1
 check final-stop berth stop
+sleep 1
+kill "$events_pid" 2>/dev/null
+wait "$events_pid" 2>/dev/null
+check events-followed-the-stop sh -c "cat '$work/events'; jq -r 'select(.type == \"state\") | .state' '$work/events' | tr '\n' ' ' | grep -q 'running stopping stopped'"
 check stop-again berth stop
 rm -rf "$work"
 # tests/tests/docker.rs repeats a run in which the guest reset itself (see berth-home.sh).

@@ -101,8 +101,13 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("stop-vm", "");
     expect("status-stopped", "not running");
     expect("volume-read", "persisted-");
-    expect("status-json", "\"running\": true");
+    // The control API's status document (host-proxy/API.md), as `berth status --json` prints it.
+    expect("status-json", "\"state\": \"running\"");
+    expect("status-json", "\"protocol_version\"");
+    expect("api-not-found", "\"not_found\"");
+    expect("api-bad-body", "timeout_secs");
     expect("final-stop", "");
+    expect("events-followed-the-stop", "\"stopping\"");
     expect("stop-again", "not running");
     for step in [
         "config",
@@ -114,6 +119,8 @@ fn docker_cli_drives_dockerd_in_the_vm() {
         "gone",
         "volume-create",
         "restart-vm",
+        "status-json-running",
+        "api-status",
     ] {
         expect(step, "");
     }
