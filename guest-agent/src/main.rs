@@ -14,6 +14,7 @@ mod console;
 mod control;
 mod daemons;
 mod datadisk;
+mod disks;
 mod events;
 mod logfile;
 mod mounts;
@@ -132,7 +133,7 @@ fn boot() -> anyhow::Result<Booted> {
     let config = parsed.config;
     network::set_hostname(&config.hostname)?;
     network::loopback_up()?;
-    let data = datadisk::setup(config.data_disk.as_deref())
+    let data = datadisk::setup(&config.data)
         .with_context(|| format!("set up {}", datadisk::MOUNT_POINT))?;
     Ok(Booted { config, data })
 }
