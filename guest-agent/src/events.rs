@@ -148,8 +148,11 @@ pub fn serve<S: Duplex>(bus: &Arc<Bus>, mut stream: S) -> Result<(), Error> {
     }
     loop {
         match subscription.events.recv_timeout(HANGUP_CHECK) {
-            Ok(event) if write_frame(&mut stream, &event).is_err() => return Ok(()),
-            Ok(_) => {}
+            Ok(event) => {
+                if write_frame(&mut stream, &event).is_err() {
+                    return Ok(());
+                }
+            }
             Err(RecvTimeoutError::Timeout) if hung_up(&stream) => return Ok(()),
             Err(RecvTimeoutError::Timeout) => {}
             // The bus closed this subscriber (it fell behind): the connection is shut already.
