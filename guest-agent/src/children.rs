@@ -114,12 +114,13 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// How a wait status reads in a console line: `status 1` or `signal 9`.
+/// How a wait status reads in a console line and an event: `exit status 1` or `killed by
+/// signal 9`.
 pub fn describe(status: libc::c_int) -> String {
     if libc::WIFEXITED(status) {
-        format!("status {}", libc::WEXITSTATUS(status))
+        format!("exit status {}", libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
-        format!("signal {}", libc::WTERMSIG(status))
+        format!("killed by signal {}", libc::WTERMSIG(status))
     } else {
         format!("wait status {status:#x}")
     }
@@ -177,7 +178,7 @@ mod tests {
             .wait_timeout(Duration::from_secs(10))
             .expect("exit delivered");
         assert_eq!(exit.pid, spawned.pid);
-        assert_eq!(describe(exit.status), "status 7");
+        assert_eq!(describe(exit.status), "exit status 7");
     }
 
     #[test]
@@ -187,7 +188,7 @@ mod tests {
         // SAFETY: signals only the child just started.
         unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
         let exit = spawned.exit.wait_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(describe(exit.status), "signal 9");
+        assert_eq!(describe(exit.status), "killed by signal 9");
     }
 
     #[test]

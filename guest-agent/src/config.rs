@@ -1,11 +1,13 @@
 //! The agent's configuration, read from the kernel command line (`/proc/cmdline`).
 //!
-//! Linux keeps dotted parameters such as `berth.data=/dev/vdb` out of init's argv and
+//! Linux keeps dotted parameters such as `berth.data=serial:berth-data` out of init's argv and
 //! environment, so the agent reads the whole command line after mounting proc. Every key is
 //! optional. A PID 1 must not die on a typo: an unknown `berth.*` key or a bad value yields one
 //! warning and the default.
 
 use std::path::PathBuf;
+
+use berth_machine::{DATA_DISK_SERIAL, MAX_DISK_SERIAL};
 
 /// The command line as the kernel exposes it.
 pub const CMDLINE_PATH: &str = "/proc/cmdline";
@@ -17,8 +19,8 @@ const KEY_DOCKER: &str = "berth.docker";
 
 /// Host name used when `berth.hostname` is absent or invalid.
 pub const DEFAULT_HOSTNAME: &str = "berth";
-/// Data disk used when `berth.data` is absent or invalid.
-pub const DEFAULT_DATA_DISK: &str = "/dev/vdb";
+/// How a `berth.data` value names a disk by its virtio-blk serial.
+const SERIAL_PREFIX: &str = "serial:";
 /// Longest host name sethostname(2) accepts (`HOST_NAME_MAX`).
 const HOSTNAME_MAX: usize = 64;
 
@@ -33,13 +35,55 @@ pub enum OnReady {
     Reboot,
 }
 
+/// `berth.data`: which disk holds Docker's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataDisk {
+    /// `berth.data=none`: state on a tmpfs, nothing kept.
+    None,
+    /// `berth.data=/dev/vdb`: this device node.
+    Device(PathBuf),
+    /// `berth.data=serial:NAME`: the virtio disk whose serial is NAME (the default, with the
+    /// serial the host gives its data disk).
+    Serial(String),
+}
+
+impl Default for DataDisk {
+    fn default() -> Self {
+        DataDisk::Serial(DATA_DISK_SERIAL.to_string())
+    }
+}
+
+impl DataDisk {
+    /// Parses a `berth.data` value; `None` if it is not one.
+    fn parse(value: &str) -> Option<DataDisk> {
+        if value == "none" {
+            return Some(DataDisk::None);
+        }
+        if let Some(serial) = value.strip_prefix(SERIAL_PREFIX) {
+            return is_valid_serial(serial).then(|| DataDisk::Serial(serial.to_string()));
+        }
+        (value.starts_with('/') && !value.contains("/../"))
+            .then(|| DataDisk::Device(PathBuf::from(value)))
+    }
+}
+
+impl std::fmt::Display for DataDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataDisk::None => f.write_str("none"),
+            DataDisk::Device(path) => write!(f, "{}", path.display()),
+            DataDisk::Serial(serial) => write!(f, "{SERIAL_PREFIX}{serial}"),
+        }
+    }
+}
+
 /// Everything the command line configures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// `berth.hostname`
     pub hostname: String,
-    /// `berth.data`: the data disk's device, `None` for `berth.data=none`.
-    pub data_disk: Option<PathBuf>,
+    /// `berth.data`
+    pub data: DataDisk,
     /// `berth.on_ready`
     pub on_ready: OnReady,
     /// `berth.docker=on|off`: whether containerd and dockerd are started after the readiness
@@ -51,7 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: DEFAULT_HOSTNAME.to_string(),
-            data_disk: Some(PathBuf::from(DEFAULT_DATA_DISK)),
+            data: DataDisk::default(),
             on_ready: OnReady::Stay,
             docker: true,
         }
@@ -98,16 +142,14 @@ impl Config {
                     ));
                 }
             },
-            KEY_DATA => match value {
-                Some("none") => self.data_disk = None,
-                Some(path) if path.starts_with('/') && !path.contains("/../") => {
-                    self.data_disk = Some(PathBuf::from(path));
-                }
-                _ => {
-                    self.data_disk = default.data_disk;
+            KEY_DATA => match value.and_then(DataDisk::parse) {
+                Some(data) => self.data = data,
+                None => {
+                    self.data = default.data;
                     return Err(format!(
-                        "{shown}: expected a device path such as /dev/vdb or \"none\"; \
-                         using {DEFAULT_DATA_DISK}"
+                        "{shown}: expected serial:NAME (1-{MAX_DISK_SERIAL} letters, digits, \
+                         '-', '_', '.'), a device path such as /dev/vdb, or \"none\"; using {}",
+                        DataDisk::default()
                     ));
                 }
             },
@@ -139,6 +181,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A virtio-blk serial the host can have set: what the VMM accepts, and nothing a path or a
+/// console line could trip on.
+fn is_valid_serial(serial: &str) -> bool {
+    !serial.is_empty()
+        && serial.len() <= MAX_DISK_SERIAL
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// RFC 1123 host name (or a dotted FQDN) that fits `HOST_NAME_MAX`.
@@ -220,7 +272,8 @@ mod tests {
         let p = parse("");
         assert_eq!(p.config, Config::default());
         assert_eq!(p.config.hostname, "berth");
-        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdb")));
+        // Deliberately changed: the data disk is found by its serial, not by probe order.
+        assert_eq!(p.config.data, DataDisk::Serial("berth-data".into()));
         assert_eq!(p.config.on_ready, OnReady::Stay);
         assert!(p.warnings.is_empty());
     }
@@ -234,7 +287,7 @@ mod tests {
         );
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
         assert_eq!(p.config.hostname, "dev-box");
-        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdc")));
+        assert_eq!(p.config.data, DataDisk::Device(PathBuf::from("/dev/vdc")));
         assert_eq!(p.config.on_ready, OnReady::PowerOff);
     }
 
@@ -242,7 +295,7 @@ mod tests {
     fn data_none_and_reboot() {
         let p = parse("berth.data=none berth.on_ready=reboot");
         assert!(p.warnings.is_empty());
-        assert_eq!(p.config.data_disk, None);
+        assert_eq!(p.config.data, DataDisk::None);
         assert_eq!(p.config.on_ready, OnReady::Reboot);
         assert_eq!(parse("berth.on_ready=none").config.on_ready, OnReady::Stay);
     }
@@ -252,7 +305,7 @@ mod tests {
         let p = parse(r#"foo="a b c" berth.hostname="quoted" "berth.data=/dev/vdd" x"#);
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
         assert_eq!(p.config.hostname, "quoted");
-        assert_eq!(p.config.data_disk, Some(PathBuf::from("/dev/vdd")));
+        assert_eq!(p.config.data, DataDisk::Device(PathBuf::from("/dev/vdd")));
         // A quoted value with a space is one parameter, and not a valid host name.
         let p = parse(r#"berth.hostname="my host" berth.on_ready=poweroff"#);
         assert_eq!(p.config.hostname, "berth");
@@ -323,6 +376,36 @@ mod tests {
             "{}",
             p.warnings[0]
         );
+    }
+
+    #[test]
+    fn data_disk_by_serial() {
+        let p = parse("berth.data=serial:scratch-1");
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.data, DataDisk::Serial("scratch-1".into()));
+        assert_eq!(p.config.data.to_string(), "serial:scratch-1");
+        assert_eq!(
+            parse("berth.data=serial:berth-data").config,
+            Config::default()
+        );
+        let longest = format!("berth.data=serial:{}", "s".repeat(MAX_DISK_SERIAL));
+        assert!(parse(&longest).warnings.is_empty());
+        for bad in [
+            "berth.data=serial:",
+            "berth.data=serial:../../etc",
+            "berth.data=serial:a/b",
+            "berth.data=serial:with\"quote",
+            &format!("berth.data=serial:{}", "s".repeat(MAX_DISK_SERIAL + 1)),
+        ] {
+            let p = parse(bad);
+            assert_eq!(p.config.data, DataDisk::default(), "{bad}");
+            assert_eq!(p.warnings.len(), 1, "{bad}");
+            assert!(
+                p.warnings[0].contains("using serial:berth-data"),
+                "{}",
+                p.warnings[0]
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,15 @@
 //! The control channel (`CONTROL_PORT`): one `Request` frame in, one `Response` frame out, until
-//! the host closes. The guest's facts come through the `Guest` trait so the answers can be
-//! tested against a fake; the parsers of the /proc files live here too.
+//! the host closes, or, after `Subscribe`, `Event` frames out. The guest's facts come through the
+//! `Guest` trait so the answers can be tested against a fake; the parsers of the /proc files live
+//! here too.
 
-use berth_protocol::{read_frame, write_frame, Request, Response, PROTOCOL_VERSION};
+use std::sync::Arc;
 
+use berth_protocol::{
+    decode_request, read_frame_body, write_frame, DecodeError, Request, Response, PROTOCOL_VERSION,
+};
+
+use crate::events::{self, Bus};
 use crate::vsock::Duplex;
 
 /// Clock values before this (2020-01-01T00:00:00Z) are refused as absurd.
@@ -54,9 +60,12 @@ pub trait Guest {
     fn set_clock(&self, secs: u64, nanos: u32) -> Result<(), Error>;
     /// Starts the clean shutdown (after the `Ack` went out); returns at once.
     fn shutdown(&self, timeout_secs: u32);
+    /// Where `Subscribe` connections get their events.
+    fn events(&self) -> &Arc<Bus>;
 }
 
-/// Answers one request. `Shutdown` is answered `Ack` here; `serve` starts it after sending.
+/// Answers one request. `Shutdown` and `Subscribe` are answered `Ack` here; `serve` starts the
+/// shutdown after sending it, and serves a subscription itself.
 pub fn answer(req: &Request, guest: &impl Guest) -> Response {
     let result = match req {
         Request::Hello { .. } => Ok(Response::Hello {
@@ -76,7 +85,7 @@ pub fn answer(req: &Request, guest: &impl Guest) -> Response {
         Request::SetClock { unix_nanos } => validate_clock(*unix_nanos)
             .and_then(|(secs, nanos)| guest.set_clock(secs, nanos))
             .map(|()| Response::Ack),
-        Request::Shutdown { .. } => Ok(Response::Ack),
+        Request::Shutdown { .. } | Request::Subscribe => Ok(Response::Ack),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: crate::console::chain(&e),
@@ -127,12 +136,17 @@ pub fn validate_clock(unix_nanos: u64) -> Result<(u64, u32), Error> {
     Ok((secs, (unix_nanos % 1_000_000_000) as u32))
 }
 
-/// Serves one control connection until the host closes it. A malformed frame is answered with
-/// `Error` and ends this connection only.
+/// Serves one control connection until the host closes it. A request of a `type` this agent
+/// does not know is answered `Unsupported` and a frame whose body is not a request `Error`; the
+/// connection lives on after both, since the frame's length kept the framing intact. A frame
+/// that breaks the framing (too large, cut short) is answered `Error` and ends the connection,
+/// as nothing after it can be trusted to start a frame. `Subscribe` turns the connection into an
+/// event stream (`events::serve`) for the rest of its life.
 pub fn serve<S: Duplex>(mut stream: S, guest: &impl Guest) {
+    let mut told_version = false;
     loop {
-        let req = match read_frame::<Request>(&mut stream) {
-            Ok(Some(req)) => req,
+        let body = match read_frame_body(&mut stream) {
+            Ok(Some(body)) => body,
             Ok(None) => return,
             Err(e) => {
                 let message = format!("bad request: {}", crate::console::chain(&e));
@@ -141,6 +155,29 @@ pub fn serve<S: Duplex>(mut stream: S, guest: &impl Guest) {
                 return;
             }
         };
+        let req = match decode_request(&body) {
+            Ok(req) => req,
+            Err(e) => {
+                if write_frame(&mut stream, &undecodable(e)).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Request::Hello { protocol_version } = req {
+            if protocol_version != PROTOCOL_VERSION && !told_version {
+                told_version = true;
+                crate::console::say(&format!(
+                    "host speaks control protocol {protocol_version}, this agent {PROTOCOL_VERSION}"
+                ));
+            }
+        }
+        if req == Request::Subscribe {
+            if let Err(e) = events::serve(guest.events(), stream) {
+                crate::console::warn(&format!("event subscriber: {}", crate::console::chain(&e)));
+            }
+            return;
+        }
         let response = answer(&req, guest);
         if write_frame(&mut stream, &response).is_err() {
             return;
@@ -152,9 +189,20 @@ pub fn serve<S: Duplex>(mut stream: S, guest: &impl Guest) {
     }
 }
 
+/// The answer to a frame that is not a request this agent serves.
+fn undecodable(e: DecodeError) -> Response {
+    match e {
+        DecodeError::Unsupported(request) => Response::Unsupported { request },
+        malformed @ DecodeError::Malformed(_) => Response::Error {
+            message: format!("bad request: {}", crate::console::chain(&malformed)),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_protocol::read_frame;
     use std::cell::RefCell;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
@@ -162,11 +210,22 @@ mod tests {
     const MEMINFO: &str = "MemTotal:        2030652 kB\nMemFree:          1715012 kB\n\
                            MemAvailable:     1851234 kB\nBuffers:            1234 kB\n";
 
-    #[derive(Default)]
     struct Fake {
         clock: RefCell<Option<(u64, u32)>>,
         shutdown: RefCell<Option<u32>>,
         meminfo: Option<&'static str>,
+        events: Arc<Bus>,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Fake {
+                clock: RefCell::default(),
+                shutdown: RefCell::default(),
+                meminfo: None,
+                events: Arc::new(Bus::new(events::QUEUE_LEN)),
+            }
+        }
     }
 
     impl Guest for Fake {
@@ -198,6 +257,9 @@ mod tests {
         }
         fn shutdown(&self, timeout_secs: u32) {
             *self.shutdown.borrow_mut() = Some(timeout_secs);
+        }
+        fn events(&self) -> &Arc<Bus> {
+            &self.events
         }
     }
 
@@ -293,25 +355,140 @@ mod tests {
         assert_eq!(read_frame::<Response>(&mut host).unwrap(), None);
     }
 
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        frame
+    }
+
     #[test]
-    fn malformed_frames_get_an_error_and_close_the_connection() {
+    fn hello_over_the_wire_answers_our_version_whatever_the_host_speaks() {
+        for host_version in [PROTOCOL_VERSION, PROTOCOL_VERSION + 1, 1] {
+            let (mut host, guest_side) = UnixStream::pair().unwrap();
+            for _ in 0..2 {
+                write_frame(
+                    &mut host,
+                    &Request::Hello {
+                        protocol_version: host_version,
+                    },
+                )
+                .unwrap();
+            }
+            host.shutdown(std::net::Shutdown::Write).unwrap();
+            serve(guest_side, &Fake::default());
+            for _ in 0..2 {
+                assert_eq!(
+                    read_frame::<Response>(&mut host).unwrap(),
+                    Some(Response::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                        uptime_ms: 4321,
+                    })
+                );
+            }
+            assert_eq!(read_frame::<Response>(&mut host).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn an_unsupported_request_is_named_and_the_connection_lives() {
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        host.write_all(&frame(br#"{"type":"balloon","target_mib":512}"#))
+            .unwrap();
+        write_frame(&mut host, &Request::Health).unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        serve(guest_side, &Fake::default());
+        assert_eq!(
+            read_frame::<Response>(&mut host).unwrap(),
+            Some(Response::Unsupported {
+                request: "balloon".into()
+            })
+        );
+        let next: Response = read_frame(&mut host).unwrap().unwrap();
+        assert!(matches!(next, Response::Health { .. }), "{next:?}");
+        assert_eq!(read_frame::<Response>(&mut host).unwrap(), None);
+    }
+
+    #[test]
+    fn a_malformed_body_gets_an_error_and_the_connection_lives() {
         for bad in [
-            b"\x00\x00\x00\x05hello".to_vec(),
-            b"\x00\x00\x00\x10{\"type\":\"reboot\"}".to_vec(),
+            &b"hello"[..],
+            br#"{"type":"shutdown","timeout_secs":"soon"}"#,
+            br#"{"no_type":1}"#,
+            b"",
+        ] {
+            let (mut host, guest_side) = UnixStream::pair().unwrap();
+            host.write_all(&frame(bad)).unwrap();
+            write_frame(&mut host, &Request::Health).unwrap();
+            host.shutdown(std::net::Shutdown::Write).unwrap();
+            let fake = Fake::default();
+            serve(guest_side, &fake);
+            let r: Response = read_frame(&mut host).unwrap().unwrap();
+            let Response::Error { message } = r else {
+                panic!("{bad:?}: not an error: {r:?}");
+            };
+            assert!(message.starts_with("bad request: "), "{message}");
+            let next: Response = read_frame(&mut host).unwrap().unwrap();
+            assert!(matches!(next, Response::Health { .. }), "{next:?}");
+            assert_eq!(*fake.shutdown.borrow(), None, "a bad shutdown ran");
+        }
+    }
+
+    #[test]
+    fn broken_framing_gets_an_error_and_closes_the_connection() {
+        for bad in [
             b"\xff\xff\xff\xff".to_vec(),
+            // The length says 16; the body is 17 bytes, so its last byte starts a bogus header.
+            b"\x00\x00\x00\x10{\"type\":\"reboot\"}".to_vec(),
         ] {
             let (mut host, guest_side) = UnixStream::pair().unwrap();
             host.write_all(&bad).unwrap();
             // A frame after the bad one must not be answered.
             write_frame(&mut host, &Request::Health).unwrap();
             serve(guest_side, &Fake::default());
-            let r: Response = read_frame(&mut host).unwrap().unwrap();
-            let Response::Error { message } = r else {
-                panic!("not an error: {r:?}");
-            };
-            assert!(message.starts_with("bad request: "), "{message}");
+            let mut errors = 0;
             // Closed: a clean end, or a reset since the request after it went unread.
-            assert!(!matches!(read_frame::<Response>(&mut host), Ok(Some(_))));
+            while let Ok(Some(r)) = read_frame::<Response>(&mut host) {
+                let Response::Error { message } = r else {
+                    panic!("not an error: {r:?}");
+                };
+                assert!(message.starts_with("bad request: "), "{message}");
+                errors += 1;
+            }
+            assert!(errors >= 1, "no error answer");
         }
+    }
+
+    #[test]
+    fn subscribe_is_acked_then_events_are_pushed() {
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        let fake = Fake::default();
+        let bus = Arc::clone(&fake.events);
+        write_frame(
+            &mut host,
+            &Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+            },
+        )
+        .unwrap();
+        write_frame(&mut host, &Request::Subscribe).unwrap();
+        let served = std::thread::spawn(move || serve(guest_side, &fake));
+        let hello: Response = read_frame(&mut host).unwrap().unwrap();
+        assert!(matches!(hello, Response::Hello { .. }), "{hello:?}");
+        assert_eq!(
+            read_frame::<Response>(&mut host).unwrap(),
+            Some(Response::Ack)
+        );
+        let ready = berth_protocol::Event::DaemonReady {
+            daemon: "dockerd".into(),
+        };
+        bus.publish(&ready);
+        assert_eq!(
+            read_frame::<berth_protocol::Event>(&mut host).unwrap(),
+            Some(ready)
+        );
+        drop(host);
+        served.join().unwrap();
+        assert_eq!(bus.subscriber_count(), 0);
     }
 }

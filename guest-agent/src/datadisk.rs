@@ -1,5 +1,5 @@
-//! The data disk: deciding whether it is blank, ext4 or someone else's data, formatting a
-//! blank one, mounting it on `/var/lib/berth` and binding its `docker`, `containerd` and `log`
+//! The data disk: finding it (by its virtio-blk serial, or a configured device path), deciding
+//! whether it is blank, ext4 or someone else's data, formatting a blank one, mounting it on `/var/lib/berth` and binding its `docker`, `containerd` and `log`
 //! folders onto `/var/lib/docker`, `/var/lib/containerd` and `/var/log`.
 //!
 //! A disk is formatted only when it is provably blank (no ext superblock magic and an all-zero
@@ -13,8 +13,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 
+use crate::config::DataDisk;
 use crate::console::chain;
-use crate::{bootcount, console, mounts};
+use crate::{bootcount, console, disks, mounts};
 
 /// Where the data disk is mounted.
 pub const MOUNT_POINT: &str = "/var/lib/berth";
@@ -46,6 +47,8 @@ pub enum Error {
     Mkfs(PathBuf, std::process::ExitStatus),
     #[error(transparent)]
     Mount(#[from] mounts::Error),
+    #[error(transparent)]
+    Find(#[from] disks::Error),
 }
 
 /// What the first bytes of a disk say about it.
@@ -112,18 +115,13 @@ pub struct Outcome {
     pub boot_count: u64,
 }
 
-/// Brings up `/var/lib/berth` and its bind mounts. A disk that cannot be used is reported and
-/// replaced by a tmpfs; only failures of the layout itself are returned.
-pub fn setup(device: Option<&Path>) -> anyhow::Result<Outcome> {
-    let state = match device {
-        None => DataState::None,
-        Some(dev) => attach(dev).unwrap_or_else(|e| {
-            console::say(&format!(
-                "data disk error: {}; continuing without a data disk",
-                chain(&e)
-            ));
-            DataState::Error
-        }),
+/// Brings up `/var/lib/berth` and its bind mounts. A disk that cannot be found or used is
+/// reported and replaced by a tmpfs; only failures of the layout itself are returned.
+pub fn setup(data: &DataDisk) -> anyhow::Result<Outcome> {
+    let state = match data {
+        DataDisk::None => DataState::None,
+        DataDisk::Device(device) => reported(attach(device)),
+        DataDisk::Serial(serial) => reported(find(serial).and_then(|device| attach(&device))),
     };
     let on_disk = matches!(state, DataState::Formatted | DataState::Mounted);
     let root = Path::new(MOUNT_POINT);
@@ -163,6 +161,27 @@ fn count_boot(root: &Path) -> u64 {
             0
         }
     }
+}
+
+/// The state of a disk that was attached, or `Error` after one console line saying why not.
+fn reported(attached: Result<DataState, Error>) -> DataState {
+    attached.unwrap_or_else(|e| {
+        console::say(&format!(
+            "data disk error: {}; continuing without a data disk",
+            chain(&e)
+        ));
+        DataState::Error
+    })
+}
+
+/// The device node of the virtio disk with `serial`, announced on the console.
+fn find(serial: &str) -> Result<PathBuf, Error> {
+    let device = disks::find_by_serial(Path::new("/"), serial, disks::SERIAL_WAIT)?;
+    console::say(&format!(
+        "data disk {} (serial {serial:?})",
+        device.display()
+    ));
+    Ok(device)
 }
 
 /// Mounts `device` on `MOUNT_POINT`, formatting it first if it is blank.

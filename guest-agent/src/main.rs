@@ -14,6 +14,8 @@ mod console;
 mod control;
 mod daemons;
 mod datadisk;
+mod disks;
+mod events;
 mod logfile;
 mod mounts;
 mod network;
@@ -75,11 +77,13 @@ fn main() {
         booted.data.boot_count,
         booted.data.state,
     ));
-    let supervisor = start_engine(booted.config.docker);
+    let events = Arc::new(events::Bus::new(events::QUEUE_LEN));
+    let supervisor = start_engine(booted.config.docker, &events);
     match booted.config.on_ready {
         OnReady::Stay => {
             let guest = services::AgentGuest {
                 supervisor: supervisor.clone(),
+                events,
             };
             if let Err(e) = services::start(Arc::new(guest)) {
                 console::error(&format!("vsock services: {}", console::chain(&e)));
@@ -93,7 +97,7 @@ fn main() {
 
 /// Starts containerd and dockerd unless `berth.docker=off`. A failure is reported and the
 /// guest stays up without them (the shell still works for a look inside).
-fn start_engine(docker: bool) -> Option<Arc<Supervisor>> {
+fn start_engine(docker: bool, events: &Arc<events::Bus>) -> Option<Arc<Supervisor>> {
     if let Err(e) = children::raise_open_files_limit() {
         console::warn(&format!("raise the open-file limit: {e}"));
     }
@@ -101,7 +105,11 @@ fn start_engine(docker: bool) -> Option<Arc<Supervisor>> {
         console::say("docker is off (berth.docker=off)");
         return None;
     }
-    match Supervisor::start(Path::new(daemons::RUN_DIR), Path::new(daemons::LOG_DIR)) {
+    match Supervisor::start(
+        Path::new(daemons::RUN_DIR),
+        Path::new(daemons::LOG_DIR),
+        events,
+    ) {
         Ok(supervisor) => Some(Arc::new(supervisor)),
         Err(e) => {
             console::error(&format!(
@@ -125,7 +133,7 @@ fn boot() -> anyhow::Result<Booted> {
     let config = parsed.config;
     network::set_hostname(&config.hostname)?;
     network::loopback_up()?;
-    let data = datadisk::setup(config.data_disk.as_deref())
+    let data = datadisk::setup(&config.data)
         .with_context(|| format!("set up {}", datadisk::MOUNT_POINT))?;
     Ok(Booted { config, data })
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use berth_protocol::{CONTROL_PORT, DOCKER_API_PORT, SHELL_PORT};
 
 use crate::control::{self, DiskUsage, Guest, Health};
+use crate::events::Bus;
 use crate::supervisor::Supervisor;
 use crate::vsock::{VsockListener, VsockStream};
 use crate::{console, daemons, datadisk, power, readiness, shell, splice};
@@ -32,6 +33,8 @@ pub enum Error {
 pub struct AgentGuest {
     /// `None` with `berth.docker=off`.
     pub supervisor: Option<Arc<Supervisor>>,
+    /// What `Subscribe` connections hear.
+    pub events: Arc<Bus>,
 }
 
 impl Guest for AgentGuest {
@@ -98,6 +101,10 @@ impl Guest for AgentGuest {
             "shutdown requested by the host (timeout {timeout_secs} s)"
         ));
         power::request_power_off(timeout_secs);
+    }
+
+    fn events(&self) -> &Arc<Bus> {
+        &self.events
     }
 }
 

@@ -1,6 +1,7 @@
 //! Keeps containerd and dockerd running: one thread per daemon starts it with its output piped
 //! into a rotated log file, waits for its exit (delivered by PID 1's reaper through the child
-//! registry) and restarts it with backoff; at shutdown `stop` ends dockerd, then containerd.
+//! registry) and restarts it with backoff, publishing `DaemonExited` and, once dockerd answers
+//! again, `DaemonReady` on the event bus; at shutdown `stop` ends dockerd, then containerd.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use berth_protocol::Event;
+
 use crate::children::{self, ExitWatch};
+use crate::events::Bus;
 use crate::logfile::{self, RotatingLog};
 use crate::{console, daemons, readiness};
 
@@ -86,11 +90,13 @@ pub struct Service {
     state: Mutex<State>,
     changed: Condvar,
     log: Mutex<RotatingLog>,
+    events: Arc<Bus>,
 }
 
 impl Service {
-    /// Opens the daemon's log and starts its supervisor thread.
-    pub fn start(spec: Spec) -> Result<Arc<Service>, Error> {
+    /// Opens the daemon's log and starts its supervisor thread, which publishes the daemon's
+    /// exits and readiness on `events`.
+    pub fn start(spec: Spec, events: Arc<Bus>) -> Result<Arc<Service>, Error> {
         let log = RotatingLog::open(&spec.log, logfile::MAX_BYTES)
             .map_err(|e| Error::Log(spec.name, e))?;
         let name = spec.name;
@@ -99,6 +105,7 @@ impl Service {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             log: Mutex::new(log),
+            events,
         });
         let run = Arc::clone(&service);
         std::thread::Builder::new()
@@ -135,12 +142,17 @@ impl Service {
             if self.state().stopping {
                 return;
             }
+            let status = outcome.unwrap_or_else(|| "unknown status".to_string());
             console::say(&format!(
-                "{} exited ({}), restarting in {} s",
+                "{} exited ({status}), restarting in {} s",
                 self.spec.name,
-                outcome.as_deref().unwrap_or("unknown status"),
                 delay.as_secs_f64()
             ));
+            self.events.publish(&Event::DaemonExited {
+                daemon: self.spec.name.to_string(),
+                status,
+                restart_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            });
             if self.sleep_unless_stopping(delay) {
                 return;
             }
@@ -203,7 +215,8 @@ impl Service {
         }
     }
 
-    /// Pings until this run of the daemon answers, then prints `<name> ready uptime=<s>s`.
+    /// Pings until this run of the daemon answers, then prints `<name> ready uptime=<s>s` and
+    /// publishes `DaemonReady`.
     fn announce_ready(&self, socket: &Path, pid: libc::pid_t) {
         while self.pid() == Some(pid) {
             if daemons::ping(socket, Duration::from_secs(2)).unwrap_or(false) {
@@ -212,6 +225,9 @@ impl Service {
                     self.spec.name,
                     readiness::uptime()
                 ));
+                self.events.publish(&Event::DaemonReady {
+                    daemon: self.spec.name.to_string(),
+                });
                 return;
             }
             std::thread::sleep(READY_POLL);
@@ -295,27 +311,33 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Writes the daemons' configuration and starts containerd, then dockerd (which waits for
-    /// containerd's socket).
-    pub fn start(run_dir: &Path, log_dir: &Path) -> Result<Supervisor, Error> {
+    /// containerd's socket); both publish their exits and readiness on `events`.
+    pub fn start(run_dir: &Path, log_dir: &Path, events: &Arc<Bus>) -> Result<Supervisor, Error> {
         daemons::write_config(run_dir, log_dir)?;
-        let containerd = Service::start(Spec {
-            name: "containerd",
-            program: daemons::CONTAINERD.into(),
-            args: daemons::containerd_args(run_dir),
-            log: log_dir.join("containerd.log"),
-            wait_for: None,
-            ping: None,
-            first_backoff: FIRST_BACKOFF,
-        })?;
-        let dockerd = Service::start(Spec {
-            name: "dockerd",
-            program: daemons::DOCKERD.into(),
-            args: daemons::dockerd_args(run_dir),
-            log: log_dir.join("dockerd.log"),
-            wait_for: Some(daemons::CONTAINERD_SOCKET.into()),
-            ping: Some(daemons::DOCKER_SOCKET.into()),
-            first_backoff: FIRST_BACKOFF,
-        })?;
+        let containerd = Service::start(
+            Spec {
+                name: "containerd",
+                program: daemons::CONTAINERD.into(),
+                args: daemons::containerd_args(run_dir),
+                log: log_dir.join("containerd.log"),
+                wait_for: None,
+                ping: None,
+                first_backoff: FIRST_BACKOFF,
+            },
+            Arc::clone(events),
+        )?;
+        let dockerd = Service::start(
+            Spec {
+                name: "dockerd",
+                program: daemons::DOCKERD.into(),
+                args: daemons::dockerd_args(run_dir),
+                log: log_dir.join("dockerd.log"),
+                wait_for: Some(daemons::CONTAINERD_SOCKET.into()),
+                ping: Some(daemons::DOCKER_SOCKET.into()),
+                first_backoff: FIRST_BACKOFF,
+            },
+            Arc::clone(events),
+        )?;
         Ok(Supervisor {
             containerd,
             dockerd,
@@ -372,6 +394,10 @@ mod tests {
         }
     }
 
+    fn bus() -> Arc<Bus> {
+        Arc::new(Bus::new(crate::events::QUEUE_LEN))
+    }
+
     fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !cond() {
@@ -385,8 +411,11 @@ mod tests {
         children::start_test_reaper();
         let log = std::env::temp_dir().join(format!("berth-agent-sup-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let service =
-            Service::start(test_spec("fake", "echo hello from $$; exec sleep 30", &log)).unwrap();
+        let service = Service::start(
+            test_spec("fake", "echo hello from $$; exec sleep 30", &log),
+            bus(),
+        )
+        .unwrap();
         wait_until("first start", || service.pid().is_some());
         let first = service.pid().unwrap();
         // Killed only once it has spoken: a shell killed before its echo logs nothing.
@@ -419,7 +448,7 @@ mod tests {
         let log =
             std::env::temp_dir().join(format!("berth-agent-sup-kill-{}.log", std::process::id()));
         let script = "trap '' TERM; echo up; while :; do sleep 0.05; done";
-        let service = Service::start(test_spec("stubborn", script, &log)).unwrap();
+        let service = Service::start(test_spec("stubborn", script, &log), bus()).unwrap();
         wait_until("output", || {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
@@ -427,6 +456,66 @@ mod tests {
         });
         assert!(!service.stop(Duration::from_millis(300), || {}));
         assert_eq!(service.pid(), None);
+        let _ = std::fs::remove_file(log);
+    }
+
+    /// A guest end whose socket buffer is already full: anything written to it blocks until
+    /// the host reads, which this host never does.
+    fn stalled_guest_end() -> (
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ) {
+        use std::io::Write;
+        let (host, mut guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        guest.set_nonblocking(true).unwrap();
+        let junk = [0u8; 4096];
+        while guest.write(&junk).is_ok() {}
+        guest.set_nonblocking(false).unwrap();
+        (host, guest)
+    }
+
+    #[test]
+    fn subscribers_hear_each_exit_and_restart_delay_and_a_stalled_one_blocks_nothing() {
+        use berth_protocol::{read_frame, Response};
+        use std::io::Read;
+        children::start_test_reaper();
+        // One event of slack: the stalled subscriber is closed at the second exit.
+        let bus = Arc::new(Bus::new(1));
+        let (mut stalled_host, stalled_guest) = stalled_guest_end();
+        let b = Arc::clone(&bus);
+        std::thread::spawn(move || crate::events::serve(&b, stalled_guest));
+        let (mut host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let b = Arc::clone(&bus);
+        std::thread::spawn(move || crate::events::serve(&b, guest));
+        assert_eq!(
+            read_frame::<Response>(&mut host).unwrap(),
+            Some(Response::Ack)
+        );
+        wait_until("both subscribed", || bus.subscriber_count() == 2);
+
+        let log =
+            std::env::temp_dir().join(format!("berth-agent-sup-events-{}.log", std::process::id()));
+        let service = Service::start(test_spec("flaky", "exit 3", &log), Arc::clone(&bus)).unwrap();
+        for delay_ms in [20, 40, 80, 160] {
+            assert_eq!(
+                read_frame::<Event>(&mut host).unwrap(),
+                Some(Event::DaemonExited {
+                    daemon: "flaky".into(),
+                    status: "exit status 3".into(),
+                    restart_in_ms: delay_ms,
+                })
+            );
+        }
+        assert!(service.stop(Duration::from_secs(5), || {}));
+        assert_eq!(bus.subscriber_count(), 1, "the stalled subscriber was kept");
+        // Its connection was shut: the host reads the junk, then the end.
+        stalled_host
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        stalled_host.read_to_end(&mut rest).unwrap();
         let _ = std::fs::remove_file(log);
     }
 }
