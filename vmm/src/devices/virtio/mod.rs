@@ -156,10 +156,10 @@ impl Interrupt {
     }
 
     /// Tells the driver that the configuration space changed: a new configuration generation,
-    /// then the config bit and the interrupt. Call it once the new configuration is what
-    /// `read_config` returns, still holding whatever lock `read_config` takes, so that a driver
-    /// reading the space between two generation reads sees either the old or the new bytes
-    /// with different generations around them (virtio 1.2 section 2.5.1).
+    /// then the config bit and the interrupt. Call it once `read_config` returns the new bytes,
+    /// still holding whatever lock `read_config` takes: a driver reading the space between two
+    /// ConfigGeneration reads then either sees one version of it, or sees the generation move
+    /// and reads again (virtio 1.2 section 2.5, Device Configuration Space).
     pub fn signal_config_changed(&self) -> io::Result<()> {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.signal(INT_CONFIG)

@@ -532,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn reset_stops_the_worker_and_allows_activating_again() {
+    fn reset_stops_the_event_loop_and_allows_activating_again() {
         let file = image(4096);
         let (mut block, q) = start(&file, false);
         assert!(matches!(

@@ -172,7 +172,7 @@ impl VsockHandler {
 #[cfg(test)]
 mod tests {
     //! The device as the guest driver sees it: real guest memory, three split queues, the
-    //! worker thread, and the muxer's unix sockets on the host side.
+    //! event loop, and the muxer's unix sockets on the host side.
 
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};

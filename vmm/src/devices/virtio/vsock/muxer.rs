@@ -481,73 +481,20 @@ mod tests {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
 
-    use std::os::fd::BorrowedFd;
-
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
+    use vmm_sys_util::epoll::EpollEvent;
 
     use super::*;
+    use crate::devices::virtio::test_utils::EpollBackends;
     use crate::devices::virtio::vsock::connection::CONN_BUF_SIZE;
     use crate::devices::virtio::vsock::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND};
 
     const GUEST_CID: u64 = 3;
 
-    /// The muxer's sockets, watched on an epoll of the test's own as the device's event loop
-    /// watches them.
-    struct Poller {
-        epoll: Epoll,
-    }
-
-    impl Poller {
-        fn ctl(
-            &self,
-            op: ControlOperation,
-            fd: BorrowedFd<'_>,
-            token: u32,
-            interest: EventSet,
-        ) -> std::io::Result<()> {
-            let event = EpollEvent::new(interest, u64::from(token));
-            self.epoll.ctl(op, fd.as_raw_fd(), event)
-        }
-    }
-
-    impl Backends for Poller {
-        fn add(
-            &mut self,
-            fd: BorrowedFd<'_>,
-            token: u32,
-            interest: EventSet,
-        ) -> Result<(), event_loop::Error> {
-            self.ctl(ControlOperation::Add, fd, token, interest)
-                .map_err(|source| event_loop::Error::AddBackend {
-                    fd: fd.as_raw_fd(),
-                    token,
-                    source,
-                })
-        }
-
-        fn modify(
-            &mut self,
-            fd: BorrowedFd<'_>,
-            token: u32,
-            interest: EventSet,
-        ) -> Result<(), event_loop::Error> {
-            self.ctl(ControlOperation::Modify, fd, token, interest)
-                .map_err(|source| event_loop::Error::ModifyBackend {
-                    fd: fd.as_raw_fd(),
-                    token,
-                    source,
-                })
-        }
-
-        fn remove(&mut self, fd: BorrowedFd<'_>, token: u32) {
-            let _ = self.ctl(ControlOperation::Delete, fd, token, EventSet::empty());
-        }
-    }
-
     /// A stand-in for the guest driver: sends packets and collects what the muxer answers.
     struct Guest {
         muxer: Muxer,
-        backends: Poller,
+        /// The muxer's sockets, watched as the device's event loop watches them.
+        backends: EpollBackends,
         dir: vmm_sys_util::tempdir::TempDir,
         buf_alloc: u32,
         fwd_cnt: u32,
@@ -557,9 +504,7 @@ mod tests {
         fn new() -> Guest {
             let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vsock-test").unwrap();
             let mut muxer = Muxer::new(GUEST_CID, &dir.as_path().join("v.sock")).unwrap();
-            let mut backends = Poller {
-                epoll: Epoll::new().unwrap(),
-            };
+            let mut backends = EpollBackends::new();
             muxer.start(&mut backends).unwrap();
             Guest {
                 muxer,
