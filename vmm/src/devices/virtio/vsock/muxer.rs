@@ -828,6 +828,26 @@ mod tests {
         assert_eq!(guest.recv_op(Op::Rw).1, b"x");
     }
 
+    #[test]
+    fn a_reset_closes_connections_and_clients_still_sending_their_connect_line() {
+        let mut guest = Guest::new();
+        let (mut connected, _) = host_connect(&mut guest, 14);
+        let mut half_open = UnixStream::connect(guest.muxer.path()).unwrap();
+        half_open.write_all(b"CONNECT 1").unwrap();
+        guest.poll();
+        // The device's loop is gone after a reset: nothing would ever read the rest of the
+        // line, so the client is told at once instead of hanging.
+        guest.muxer.reset();
+        let mut buf = [0u8; 4];
+        for client in [&mut connected, &mut half_open] {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF, not a timeout");
+        }
+        assert_eq!(guest.muxer.connection_count(), 0);
+    }
+
     fn open_fds() -> Vec<i32> {
         let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
             .unwrap()
