@@ -185,10 +185,11 @@ impl Machine {
 
     fn add_virtio_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
         for disk in &config.disks {
-            let block = Block::new(&disk.path, disk.read_only).map_err(|source| Error::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
+            let block =
+                Block::new(&disk.path, disk.read_only, None).map_err(|source| Error::Disk {
+                    path: disk.path.clone(),
+                    source,
+                })?;
             self.add_virtio(Box::new(block))?;
         }
         if config.rng {

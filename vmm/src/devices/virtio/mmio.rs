@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{feature, features, status, Interrupt, VirtioDevice};
+use super::{feature, features, status, ErrorChain, Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemory;
 
@@ -50,13 +50,18 @@ pub const CONFIG_OFFSET: u64 = 0x100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("creating queue {index} failed: {source}")]
+    #[error("creating queue {index} failed")]
     CreateQueue {
         index: usize,
+        #[source]
         source: virtio_queue::Error,
     },
-    #[error("creating the notification eventfd of queue {index} failed: {source}")]
-    CreateNotifyEvent { index: usize, source: io::Error },
+    #[error("creating the notification eventfd of queue {index} failed")]
+    CreateNotifyEvent {
+        index: usize,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Which half of a 64-bit queue address a register holds.
@@ -88,7 +93,6 @@ pub struct MmioTransport {
     driver_features: u64,
     driver_features_beyond_64: bool,
     queue_sel: u32,
-    config_generation: u32,
     active: bool,
 }
 
@@ -96,7 +100,7 @@ impl MmioTransport {
     /// Puts `device` behind a transport whose interrupt is raised through `irq`.
     pub fn new(
         mem: GuestMemory,
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         irq: EventFd,
     ) -> Result<Self, Error> {
         let mut queues = Vec::new();
@@ -108,10 +112,12 @@ impl MmioTransport {
                     .map_err(|source| Error::CreateNotifyEvent { index, source })?,
             );
         }
+        let interrupt = Arc::new(Interrupt::new(irq));
+        device.attach_interrupt(&interrupt);
         Ok(Self {
             mem,
             device,
-            interrupt: Arc::new(Interrupt::new(irq)),
+            interrupt,
             queues,
             notify_events,
             device_status: 0,
@@ -120,7 +126,6 @@ impl MmioTransport {
             driver_features: 0,
             driver_features_beyond_64: false,
             queue_sel: 0,
-            config_generation: 0,
             active: false,
         })
     }
@@ -189,7 +194,7 @@ impl MmioTransport {
             QUEUE_DESC_LOW_OFFSET..=QUEUE_DEVICE_HIGH_OFFSET => self.read_ring_address(offset),
             INTERRUPT_STATUS_OFFSET => self.interrupt.status(),
             STATUS_OFFSET => self.device_status,
-            CONFIG_GENERATION_OFFSET => self.config_generation,
+            CONFIG_GENERATION_OFFSET => self.interrupt.config_generation(),
             _ => 0,
         }
     }
@@ -411,7 +416,10 @@ impl MmioTransport {
                 );
             }
             Err(e) => {
-                tracing::error!("virtio-mmio: activating the device failed: {e}");
+                tracing::error!(
+                    "virtio-mmio: activating the device failed: {}",
+                    ErrorChain(&e)
+                );
                 self.needs_reset();
             }
         }
@@ -823,6 +831,95 @@ mod tests {
         assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), INT_CONFIG);
         write(&mut t, INTERRUPT_ACK_OFFSET, INT_CONFIG);
         assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), 0);
+    }
+
+    /// A device whose configuration changes on its own, as the balloon's target does when the
+    /// VMM API sets it: the change and the generation bump happen under the lock that
+    /// `read_config` takes.
+    #[derive(Clone, Default)]
+    struct ChangingConfig(Arc<Mutex<(u32, Option<Arc<Interrupt>>)>>);
+
+    impl ChangingConfig {
+        fn change(&self, value: u32) {
+            let mut state = self.0.lock().unwrap();
+            state.0 = value;
+            let interrupt = state.1.as_ref().expect("attached by the transport");
+            interrupt.signal_config_changed().unwrap();
+        }
+    }
+
+    impl VirtioDevice for ChangingConfig {
+        fn device_type(&self) -> u32 {
+            5
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn avail_features(&self) -> u64 {
+            1 << 32
+        }
+        fn set_acked_features(&mut self, _features: u64) {}
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let bytes = self.0.lock().unwrap().0.to_le_bytes();
+            data.fill(0);
+            if offset == 0 && data.len() == 4 {
+                data.copy_from_slice(&bytes);
+            }
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn attach_interrupt(&mut self, interrupt: &Arc<Interrupt>) {
+            self.0.lock().unwrap().1 = Some(interrupt.clone());
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemory,
+            _interrupt: Arc<Interrupt>,
+            _queues: Vec<(Queue, EventFd)>,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn a_config_change_bumps_the_generation_and_raises_the_config_interrupt() {
+        let device = ChangingConfig::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(guest_memory(), Box::new(device.clone()), irq).unwrap();
+        // Before DRIVER_OK (a driver reading the space while it probes) the generation moves
+        // too.
+        let before = read(&mut t, CONFIG_GENERATION_OFFSET);
+        device.change(1);
+        assert_ne!(read(&mut t, CONFIG_GENERATION_OFFSET), before);
+        write(&mut t, INTERRUPT_ACK_OFFSET, INT_CONFIG);
+        let _ = t.interrupt().irq().read();
+
+        negotiate(&mut t, 1 << 32);
+        setup_queue(&mut t, 0, 8, 0x10_0000);
+        write(&mut t, STATUS_OFFSET, FULL);
+        assert_eq!(read(&mut t, STATUS_OFFSET), FULL);
+
+        // The driver's read of the space: generation, bytes, generation.
+        let generation = read(&mut t, CONFIG_GENERATION_OFFSET);
+        assert_eq!(read(&mut t, CONFIG_OFFSET), 1);
+        assert_eq!(read(&mut t, CONFIG_GENERATION_OFFSET), generation, "stable");
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), 0);
+        assert!(t.interrupt().irq().read().is_err(), "no interrupt yet");
+
+        device.change(42);
+        let changed = read(&mut t, CONFIG_GENERATION_OFFSET);
+        assert_ne!(changed, generation, "a read spanning the change is retried");
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), INT_CONFIG);
+        assert_eq!(t.interrupt().irq().read().unwrap(), 1, "irq fired");
+        assert_eq!(read(&mut t, CONFIG_OFFSET), 42);
+
+        write(&mut t, INTERRUPT_ACK_OFFSET, INT_CONFIG);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS_OFFSET), 0);
+        assert_eq!(
+            read(&mut t, CONFIG_GENERATION_OFFSET),
+            changed,
+            "stable again"
+        );
     }
 
     #[test]

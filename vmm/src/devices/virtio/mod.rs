@@ -1,6 +1,7 @@
 //! virtio devices over the virtio-mmio transport: the device trait, the interrupt shared by a
-//! transport and its device's worker, and the constants of the virtio 1.2 specification.
+//! transport and its device's event loop, and the constants of the virtio 1.2 specification.
 
+use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,10 +29,10 @@ macro_rules! warn_rate_limited {
 }
 
 pub mod block;
+pub mod event_loop;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
-mod worker;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -76,20 +77,30 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     #[error("the device is already active")]
     AlreadyActive,
-    #[error("creating the worker's kill eventfd failed: {0}")]
-    CreateKillEvent(io::Error),
-    #[error("creating the worker's epoll failed: {0}")]
-    CreateEpoll(io::Error),
-    #[error("adding an eventfd to the worker's epoll failed: {0}")]
-    RegisterEvent(io::Error),
-    #[error("starting the worker thread failed: {0}")]
-    SpawnWorker(io::Error),
+    #[error("the device's backend is gone: an earlier activation failed after taking it")]
+    BackendLost,
+    #[error("creating the event loop's kill eventfd failed")]
+    CreateKillEvent(#[source] io::Error),
+    #[error("creating the event loop's epoll failed")]
+    CreateEpoll(#[source] io::Error),
+    #[error("watching the kill eventfd in the event loop failed")]
+    WatchKillEvent(#[source] io::Error),
+    #[error("watching queue {index}'s notification eventfd in the event loop failed")]
+    WatchQueue {
+        index: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the device's backend in its event loop failed")]
+    StartBackend(#[source] event_loop::Error),
+    #[error("starting the event loop thread failed")]
+    SpawnThread(#[source] io::Error),
 }
 
 /// A virtio device model, driven by a transport.
 ///
 /// The transport owns the register file; the device owns its configuration space and, once
-/// activated, a worker that serves its queues.
+/// activated, an event loop that serves its queues.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`TYPE_BLOCK`, `TYPE_RNG`...).
     fn device_type(&self) -> u32;
@@ -103,6 +114,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space; writes to read-only fields are ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Hands the device its interrupt once, when the transport is built (before any
+    /// activation). A device whose configuration space changes on its own (the balloon's
+    /// target, set through the VMM API) keeps it and calls
+    /// [`Interrupt::signal_config_changed`] after each change.
+    fn attach_interrupt(&mut self, _interrupt: &Arc<Interrupt>) {}
     /// Starts serving `queues`, each with the eventfd the driver's notifications arrive on.
     fn activate(
         &mut self,
@@ -110,16 +126,18 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError>;
-    /// Stops the worker and returns to the state before activation, so the driver can
+    /// Stops the event loop and returns to the state before activation, so the driver can
     /// initialise the device again.
     fn reset(&mut self);
 }
 
 /// The interrupt of one virtio-mmio device: the InterruptStatus register, shared by the transport
-/// (which reads and acknowledges it) and the device's worker (which raises it), and the eventfd
-/// the VMM registers as the device's KVM irqfd.
+/// (which reads and acknowledges it) and the device's event loop (which raises it), the eventfd
+/// the VMM registers as the device's KVM irqfd, and the configuration generation the transport's
+/// ConfigGeneration register shows.
 pub struct Interrupt {
     status: AtomicU32,
+    config_generation: AtomicU32,
     irq: EventFd,
 }
 
@@ -127,6 +145,7 @@ impl Interrupt {
     pub fn new(irq: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
             irq,
         }
     }
@@ -136,9 +155,19 @@ impl Interrupt {
         self.signal(INT_USED_RING)
     }
 
-    /// Tells the driver that the configuration space changed.
+    /// Tells the driver that the configuration space changed: a new configuration generation,
+    /// then the config bit and the interrupt. Call it once `read_config` returns the new bytes,
+    /// still holding whatever lock `read_config` takes: a driver reading the space between two
+    /// ConfigGeneration reads then either sees one version of it, or sees the generation move
+    /// and reads again (virtio 1.2 section 2.5, Device Configuration Space).
     pub fn signal_config_changed(&self) -> io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.signal(INT_CONFIG)
+    }
+
+    /// The ConfigGeneration register.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
     }
 
     fn signal(&self, bit: u32) -> io::Result<()> {
@@ -165,6 +194,22 @@ impl Interrupt {
     /// The eventfd that injects the interrupt into the guest.
     pub fn irq(&self) -> &EventFd {
         &self.irq
+    }
+}
+
+/// Shows an error and its sources as one line, `what failed: why: why`, for a log line: error
+/// messages never repeat their source, so logging only the outer one would drop the cause.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
@@ -226,8 +271,15 @@ mod tests {
         assert_eq!(interrupt.status(), INT_USED_RING);
         assert_eq!(interrupt.irq().read().unwrap(), 1);
 
+        assert_eq!(interrupt.config_generation(), 0);
         interrupt.signal_config_changed().unwrap();
         assert_eq!(interrupt.status(), INT_USED_RING | INT_CONFIG);
+        assert_eq!(
+            interrupt.config_generation(),
+            1,
+            "a new configuration generation"
+        );
+        assert_eq!(interrupt.irq().read().unwrap(), 1);
         interrupt.ack(INT_USED_RING);
         assert_eq!(interrupt.status(), INT_CONFIG);
         interrupt.clear();

@@ -1,4 +1,5 @@
-//! The virtio-blk device model: features, configuration space and the worker's lifecycle.
+//! The virtio-blk device model: features, configuration space, the serial, and the event loop's
+//! lifecycle.
 
 use std::mem::{offset_of, size_of};
 use std::path::Path;
@@ -14,8 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
 use super::request::BlockHandler;
-use super::{Error, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
-use crate::devices::virtio::worker::Worker;
+use super::{
+    Error, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
+};
+use crate::devices::virtio::event_loop::EventLoop;
 use crate::devices::virtio::{
     feature, features, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
 };
@@ -23,22 +26,25 @@ use crate::memory::GuestMemory;
 
 const CONFIG_SIZE: usize = size_of::<virtio_blk_config>();
 
-/// Numbers the worker threads: "virtio-blk-0", "virtio-blk-1"...
+/// Numbers the event loop threads: "virtio-blk-0", "virtio-blk-1"...
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// A virtio-blk device backed by a disk image file.
 pub struct Block {
     disk: Arc<Disk>,
-    id: usize,
+    serial: [u8; ID_BYTES],
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_SIZE],
-    worker: Option<Worker>,
+    event_loop: EventLoop<BlockHandler>,
 }
 
 impl Block {
-    /// Opens the image at `path` (read-write unless `read_only`).
-    pub fn new(path: &Path, read_only: bool) -> Result<Self, Error> {
+    /// Opens the image at `path` (read-write unless `read_only`). The guest reads `serial` with
+    /// GET_ID (Linux shows it in /sys/block/vdX/serial); it is at most 20 printable ASCII
+    /// characters, and without one the guest reads an empty serial.
+    pub fn new(path: &Path, read_only: bool, serial: Option<String>) -> Result<Self, Error> {
+        let serial = serial_id(path, serial)?;
         let disk = Disk::open(path, read_only)?;
         let mut avail_features = feature(features::VERSION_1)
             | feature(features::RING_EVENT_IDX)
@@ -57,13 +63,14 @@ impl Block {
             read_only,
             "virtio-blk disk opened"
         );
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
             disk: Arc::new(disk),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            serial,
             avail_features,
             acked_features: 0,
             config,
-            worker: None,
+            event_loop: EventLoop::new(format!("virtio-blk-{id}"), 1),
         })
     }
 
@@ -71,6 +78,28 @@ impl Block {
     pub fn capacity(&self) -> u64 {
         self.disk.capacity()
     }
+}
+
+/// The GET_ID answer for `serial` (virtio 1.2 section 5.2.6): its bytes, NUL-padded to 20.
+fn serial_id(path: &Path, serial: Option<String>) -> Result<[u8; ID_BYTES], Error> {
+    let mut id = [0u8; ID_BYTES];
+    let Some(serial) = serial else {
+        return Ok(id);
+    };
+    if !serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(Error::SerialNotPrintable {
+            path: path.to_owned(),
+            serial,
+        });
+    }
+    if serial.len() > ID_BYTES {
+        return Err(Error::SerialTooLong {
+            path: path.to_owned(),
+            serial,
+        });
+    }
+    id[..serial.len()].copy_from_slice(serial.as_bytes());
+    Ok(id)
 }
 
 /// The configuration space (virtio 1.2 section 5.2.4), little endian.
@@ -150,29 +179,18 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
         let handler = BlockHandler {
             disk: self.disk.clone(),
+            serial: self.serial,
             discard: self.acked_features & feature(VIRTIO_BLK_F_DISCARD) != 0,
             write_zeroes: self.acked_features & feature(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
         };
-        let name = format!("virtio-blk-{}", self.id);
-        self.worker = Some(Worker::spawn(name, mem, interrupt, queues, handler)?);
-        Ok(())
+        self.event_loop
+            .activate(mem, interrupt, queues, || Ok(handler))
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.event_loop.stop();
         self.acked_features = 0;
     }
 }

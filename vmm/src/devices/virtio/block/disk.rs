@@ -4,14 +4,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestAddress, GuestMemory as _, VolatileSlice};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
-use super::{Error, ID_BYTES, SECTOR_SIZE};
+use super::{Error, SECTOR_SIZE};
 use crate::memory::GuestMemory;
 
 /// Chunk of zeros written when the filesystem cannot zero a range itself.
@@ -23,7 +23,6 @@ pub(super) struct Disk {
     /// Size in sectors; a trailing partial sector is not exposed.
     capacity: u64,
     read_only: bool,
-    serial: [u8; ID_BYTES],
 }
 
 impl Disk {
@@ -64,15 +63,10 @@ impl Disk {
             ),
             _ => {}
         }
-        let mut serial = [0u8; ID_BYTES];
-        let id = format!("{:x}-{:x}", metadata.dev(), metadata.ino());
-        let len = id.len().min(ID_BYTES);
-        serial[..len].copy_from_slice(&id.as_bytes()[..len]);
         Ok(Self {
             file,
             capacity: size / SECTOR_SIZE,
             read_only,
-            serial,
         })
     }
 
@@ -83,11 +77,6 @@ impl Disk {
 
     pub(super) fn read_only(&self) -> bool {
         self.read_only
-    }
-
-    /// The GET_ID answer: a serial, NUL-padded to 20 bytes.
-    pub(super) fn serial(&self) -> &[u8; ID_BYTES] {
-        &self.serial
     }
 
     /// Reads `len` bytes at file `offset` into guest memory at `addr`.

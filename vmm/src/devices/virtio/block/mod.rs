@@ -1,5 +1,5 @@
 //! virtio-blk: a disk image file served to the guest, with flush, discard and write-zeroes
-//! that keep the image sparse.
+//! that keep the image sparse, and the serial the guest finds it by.
 
 mod device;
 mod disk;
@@ -20,25 +20,46 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 23;
 /// Ranges per discard or write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 32;
-/// The length of the GET_ID answer.
+/// The length of the GET_ID answer, and the longest serial.
 pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("disk image {path} does not exist")]
     NotFound { path: PathBuf },
-    #[error("disk image {path} cannot be read: {source}")]
-    NotReadable { path: PathBuf, source: io::Error },
-    #[error("disk image {path} cannot be written (attach it read-only or fix its permissions): {source}")]
-    NotWritable { path: PathBuf, source: io::Error },
+    #[error("disk image {path} cannot be read")]
+    NotReadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk image {path} cannot be written (attach it read-only or fix its permissions)")]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk image {path} is a directory")]
     IsDirectory { path: PathBuf },
-    #[error("finding the size of disk image {path} failed: {source}")]
-    Size { path: PathBuf, source: io::Error },
+    #[error("finding the size of disk image {path} failed")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk image {path} is empty")]
     Empty { path: PathBuf },
     #[error("disk image {path} is {size} bytes, less than one {SECTOR_SIZE}-byte sector")]
     TooSmall { path: PathBuf, size: u64 },
+    #[error(
+        "the serial {serial:?} of disk image {path} is {} bytes, more than the {ID_BYTES} a virtio-blk serial holds",
+        .serial.len()
+    )]
+    SerialTooLong { path: PathBuf, serial: String },
+    #[error(
+        "the serial {serial:?} of disk image {path} has a character that is not printable ASCII"
+    )]
+    SerialNotPrintable { path: PathBuf, serial: String },
 }
 
 #[cfg(test)]
@@ -72,7 +93,16 @@ mod tests {
 
     /// A block device on `file`, activated with every feature it offers.
     fn start(file: &TempFile, read_only: bool) -> (Block, TestQueue) {
-        let mut block = Block::new(file.as_path(), read_only).unwrap();
+        start_with_serial(file, read_only, None)
+    }
+
+    fn start_with_serial(
+        file: &TempFile,
+        read_only: bool,
+        serial: Option<&str>,
+    ) -> (Block, TestQueue) {
+        let serial = serial.map(str::to_string);
+        let mut block = Block::new(file.as_path(), read_only, serial).unwrap();
         block.set_acked_features(block.avail_features());
         let queue = TestQueue::new();
         queue.activate(&mut block, true);
@@ -123,7 +153,7 @@ mod tests {
     #[test]
     fn new_reports_capacity_features_and_config_space() {
         let file = image(8192 + 100);
-        let block = Block::new(file.as_path(), false).unwrap();
+        let block = Block::new(file.as_path(), false, None).unwrap();
         assert_eq!(block.capacity(), 16);
         let features = block.avail_features();
         for bit in [
@@ -156,7 +186,7 @@ mod tests {
         block.read_config(0x1000, &mut beyond);
         assert_eq!(beyond, [0; 4]);
 
-        let read_only = Block::new(file.as_path(), true).unwrap();
+        let read_only = Block::new(file.as_path(), true, None).unwrap();
         let features = read_only.avail_features();
         assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
@@ -168,25 +198,28 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("missing.img");
         assert!(matches!(
-            Block::new(&missing, false),
+            Block::new(&missing, false, None),
             Err(Error::NotFound { .. })
         ));
         let empty = dir.join("empty.img");
         fs::write(&empty, b"").unwrap();
-        assert!(matches!(Block::new(&empty, true), Err(Error::Empty { .. })));
+        assert!(matches!(
+            Block::new(&empty, true, None),
+            Err(Error::Empty { .. })
+        ));
         let tiny = dir.join("tiny.img");
         fs::write(&tiny, [1u8; 100]).unwrap();
         assert!(matches!(
-            Block::new(&tiny, true),
+            Block::new(&tiny, true, None),
             Err(Error::TooSmall { size: 100, .. })
         ));
         assert!(matches!(
-            Block::new(&dir, true),
+            Block::new(&dir, true, None),
             Err(Error::IsDirectory { .. })
         ));
         // Refused for writing even to root, readable by all.
         let sysfs = std::path::Path::new("/sys/kernel/notes");
-        let err = Block::new(sysfs, false).map(|_| ()).unwrap_err();
+        let err = Block::new(sysfs, false, None).map(|_| ()).unwrap_err();
         assert!(matches!(err, Error::NotWritable { .. }), "{err}");
         assert!(err.to_string().contains("read-only"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
@@ -227,19 +260,88 @@ mod tests {
         assert_eq!(request(&mut q, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
     }
 
+    /// Sends GET_ID with a poisoned buffer of `descs` (offset into BUF, length); returns
+    /// (used len, status, the whole poisoned area after the request).
+    fn get_id(q: &mut TestQueue, descs: &[(u64, u32)]) -> (u32, u8, Vec<u8>) {
+        q.write(BUF, &[0xaa; 64]);
+        let data: Vec<_> = descs
+            .iter()
+            .map(|&(offset, len)| (BUF + offset, len, WRITE))
+            .collect();
+        let (len, status) = request(q, VIRTIO_BLK_T_GET_ID, 0, &data);
+        (len, status, q.read(BUF, 64))
+    }
+
     #[test]
-    fn get_id_answers_the_serial() {
+    fn get_id_answers_the_serial_nul_padded_to_20_bytes() {
         let file = image(4096);
-        let (_block, mut q) = start(&file, false);
-        q.write(BUF, &[0xaa; ID_BYTES]);
-        let data = [(BUF, ID_BYTES as u32, WRITE)];
-        let (len, status) = request(&mut q, VIRTIO_BLK_T_GET_ID, 0, &data);
+        let (_block, mut q) = start_with_serial(&file, false, Some("berth-data 1"));
+        let (len, status, id) = get_id(&mut q, &[(0, ID_BYTES as u32)]);
         assert_eq!((len, status), (ID_BYTES as u32 + 1, OK));
-        let meta = fs::metadata(file.as_path()).unwrap();
-        let serial = format!("{:x}-{:x}", meta.dev(), meta.ino());
-        let id = q.read(BUF, ID_BYTES);
-        assert_eq!(&id[..serial.len()], serial.as_bytes());
-        assert!(id[serial.len()..].iter().all(|&b| b == 0), "NUL padded");
+        assert_eq!(&id[..12], b"berth-data 1");
+        assert_eq!(&id[12..ID_BYTES], &[0; 8], "NUL padded");
+        assert!(id[ID_BYTES..].iter().all(|&b| b == 0xaa), "nothing past 20");
+
+        // The same answer across two buffers.
+        let (len, status, id) = get_id(&mut q, &[(0, 5), (32, 15)]);
+        assert_eq!((len, status), (ID_BYTES as u32 + 1, OK));
+        assert_eq!(&id[..5], b"berth");
+        assert_eq!(&id[32..39], b"-data 1");
+        assert_eq!(&id[39..47], &[0; 8]);
+    }
+
+    #[test]
+    fn get_id_fills_a_20_byte_serial_without_nul_and_truncates_to_a_short_buffer() {
+        let file = image(4096);
+        let serial = "ABCDEFGHIJKLMNOPQRST";
+        let (_block, mut q) = start_with_serial(&file, false, Some(serial));
+        let (len, status, id) = get_id(&mut q, &[(0, ID_BYTES as u32)]);
+        assert_eq!((len, status), (ID_BYTES as u32 + 1, OK));
+        assert_eq!(&id[..ID_BYTES], serial.as_bytes());
+        // A driver buffer shorter than 20 bytes gets the serial's start.
+        let (len, status, id) = get_id(&mut q, &[(0, 8)]);
+        assert_eq!((len, status), (9, OK));
+        assert_eq!(&id[..8], b"ABCDEFGH");
+        assert!(
+            id[8..].iter().all(|&b| b == 0xaa),
+            "nothing past the buffer"
+        );
+    }
+
+    #[test]
+    fn get_id_without_a_serial_answers_an_empty_id() {
+        let file = image(4096);
+        let (_block, mut q) = start(&file, true);
+        let (len, status, id) = get_id(&mut q, &[(0, ID_BYTES as u32)]);
+        assert_eq!((len, status), (ID_BYTES as u32 + 1, OK));
+        assert_eq!(
+            &id[..ID_BYTES],
+            &[0; ID_BYTES],
+            "an empty, NUL-filled serial"
+        );
+    }
+
+    #[test]
+    fn new_refuses_serials_the_guest_could_not_show() {
+        let file = image(4096);
+        let new = |serial: &str| Block::new(file.as_path(), false, Some(serial.to_string()));
+        let err = new("a-serial-of-21-bytes!").map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::SerialTooLong { .. }), "{err}");
+        assert!(
+            err.to_string().contains("21 bytes, more than the 20"),
+            "{err}"
+        );
+        for bad in ["tab\there", "new\nline", "caf\u{e9}", "nul\0"] {
+            let err = new(bad).map(|_| ()).unwrap_err();
+            assert!(
+                matches!(err, Error::SerialNotPrintable { .. }),
+                "{bad:?}: {err}"
+            );
+            assert!(err.to_string().contains("printable ASCII"), "{err}");
+        }
+        // Exactly 20 printable characters, spaces included, and an empty serial are fine.
+        assert!(new("~20 printable chars!").is_ok());
+        assert!(new("").is_ok());
     }
 
     #[test]
@@ -430,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn reset_stops_the_worker_and_allows_activating_again() {
+    fn reset_stops_the_event_loop_and_allows_activating_again() {
         let file = image(4096);
         let (mut block, q) = start(&file, false);
         assert!(matches!(

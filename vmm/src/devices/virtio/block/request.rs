@@ -12,8 +12,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _};
 
 use super::disk::Disk;
-use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX};
-use crate::devices::virtio::worker::ChainHandler;
+use super::{ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX};
+use crate::devices::virtio::event_loop::DeviceHandler;
+use crate::devices::virtio::ErrorChain;
 use crate::memory::GuestMemory;
 
 /// The request header: type, reserved, sector.
@@ -52,7 +53,7 @@ pub(super) enum Error {
     BadRanges,
     #[error("range flags {0:#x} are not supported")]
     UnsupportedFlags(u32),
-    #[error("disk I/O failed: {0}")]
+    #[error("disk I/O failed")]
     Io(#[from] std::io::Error),
 }
 
@@ -80,15 +81,17 @@ struct Request {
     data_len: u64,
 }
 
-/// Serves the block queue on the worker thread.
+/// Serves the block queue on the device's event loop.
 pub(super) struct BlockHandler {
     pub(super) disk: Arc<Disk>,
+    /// The GET_ID answer.
+    pub(super) serial: [u8; ID_BYTES],
     /// Whether the driver negotiated DISCARD and WRITE_ZEROES.
     pub(super) discard: bool,
     pub(super) write_zeroes: bool,
 }
 
-impl ChainHandler for BlockHandler {
+impl DeviceHandler for BlockHandler {
     fn handle_chain(
         &mut self,
         mem: &GuestMemory,
@@ -105,7 +108,7 @@ impl ChainHandler for BlockHandler {
         let (status_byte, written) = match self.serve(mem, &descriptors) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
-                warn_rate_limited!("virtio-blk: request failed: {e}");
+                warn_rate_limited!("virtio-blk: request failed: {}", ErrorChain(&e));
                 (e.status(), 0)
             }
         };
@@ -180,7 +183,7 @@ impl BlockHandler {
 
     /// Writes the serial into the driver's buffers (as much as fits); returns the bytes written.
     fn get_id(&self, mem: &GuestMemory, request: &Request) -> u32 {
-        let mut serial: &[u8] = self.disk.serial();
+        let mut serial: &[u8] = &self.serial;
         let mut written = 0u32;
         for buffer in &request.data {
             let len = serial.len().min(buffer.len as usize);

@@ -9,18 +9,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Error, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
-use crate::devices::virtio::worker::{ChainHandler, Worker};
+use crate::devices::virtio::event_loop::{DeviceHandler, EventLoop};
 use crate::devices::virtio::{feature, features, ActivateError, Interrupt, VirtioDevice, TYPE_RNG};
 use crate::memory::GuestMemory;
 
-/// Numbers the worker threads: "virtio-rng-0"...
+/// Numbers the event loop threads: "virtio-rng-0"...
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// A virtio entropy device.
 pub struct Rng {
-    id: usize,
     acked_features: u64,
-    worker: Option<Worker>,
+    event_loop: EventLoop<RngHandler>,
 }
 
 impl Rng {
@@ -28,10 +27,10 @@ impl Rng {
     pub fn new() -> Result<Self, Error> {
         let mut probe = [0u8; 1];
         fill_random(&mut probe).map_err(Error::GetRandom)?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             acked_features: 0,
-            worker: None,
+            event_loop: EventLoop::new(format!("virtio-rng-{id}"), 1),
         })
     }
 }
@@ -68,37 +67,25 @@ impl VirtioDevice for Rng {
         interrupt: Arc<Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let handler = RngHandler {
-            buffer: vec![0; MAX_BYTES_PER_REQUEST as usize],
-        };
-        let name = format!("virtio-rng-{}", self.id);
-        self.worker = Some(Worker::spawn(name, mem, interrupt, queues, handler)?);
-        Ok(())
+        self.event_loop.activate(mem, interrupt, queues, || {
+            Ok(RngHandler {
+                buffer: vec![0; MAX_BYTES_PER_REQUEST as usize],
+            })
+        })
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.event_loop.stop();
         self.acked_features = 0;
     }
 }
 
-/// Serves the entropy queue on the worker thread.
+/// Serves the entropy queue on the device's event loop.
 struct RngHandler {
     buffer: Vec<u8>,
 }
 
-impl ChainHandler for RngHandler {
+impl DeviceHandler for RngHandler {
     fn handle_chain(
         &mut self,
         mem: &GuestMemory,

@@ -13,8 +13,8 @@ pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the host's getrandom(2) does not work: {0}")]
-    GetRandom(io::Error),
+    #[error("the host's getrandom(2) does not work")]
+    GetRandom(#[source] io::Error),
 }
 
 #[cfg(test)]

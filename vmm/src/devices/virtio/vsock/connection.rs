@@ -39,8 +39,8 @@ pub enum Pending {
 pub enum Error {
     #[error("the guest sent {0} bytes beyond the credit it was given")]
     CreditOverrun(usize),
-    #[error("writing to the host socket failed: {0}")]
-    HostWrite(std::io::Error),
+    #[error("writing to the host socket failed")]
+    HostWrite(#[source] std::io::Error),
 }
 
 pub struct Connection {

@@ -1,21 +1,23 @@
 //! The host side of the vsock device, in Firecracker's "hybrid vsock" convention: the host
 //! connects to one unix socket and writes `CONNECT <port>\n` to reach guest port `port` (the
 //! answer is `OK <host port>\n`); a guest connection to host port P is delivered to the unix
-//! socket `<path>_P`. The muxer owns every connection, polls their sockets on an epoll of its
-//! own (nested in the device worker's), and turns guest packets into socket I/O and back.
+//! socket `<path>_P`. The muxer owns every connection, watches their sockets (and the listener)
+//! as backends of the device's event loop, and turns guest packets into socket I/O and back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{read_connect_line, Connection, Pending, State};
 use super::packet::{Header, Op, HOST_CID, VSOCK_TYPE_STREAM};
+use crate::devices::virtio::event_loop::{self, Backends};
+use crate::devices::virtio::ErrorChain;
 
 /// At most this many connections at once; more are refused with a reset.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -25,13 +27,12 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 pub enum Error {
     #[error("{0} exists and is not a socket: refusing to replace it")]
     PathNotSocket(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("listening on {path} failed")]
     Listen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("creating the vsock epoll failed: {0}")]
-    Epoll(std::io::Error),
 }
 
 /// (host port, guest port)
@@ -44,11 +45,15 @@ enum FdOwner {
     Conn(Key),
 }
 
+/// The event loop token of a socket: its descriptor, which is never negative.
+fn token(fd: RawFd) -> u32 {
+    fd as u32
+}
+
 pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
     listener: UnixListener,
-    epoll: Epoll,
     fds: HashMap<RawFd, FdOwner>,
     connecting: HashMap<RawFd, (UnixStream, Vec<u8>)>,
     conns: HashMap<Key, Connection>,
@@ -59,8 +64,8 @@ pub struct Muxer {
     rx_queued: HashSet<Key>,
     /// Resets for guest packets that match no connection.
     resets: VecDeque<Header>,
-    /// The listener is out of the epoll because accept ran out of file descriptors; it is put
-    /// back when a connection goes away (else the level-triggered listener would spin).
+    /// The listener is not watched because accept ran out of file descriptors; it is watched
+    /// again when a connection goes away (else the level-triggered listener would spin).
     listener_paused: bool,
 }
 
@@ -87,15 +92,17 @@ fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
 }
 
 impl Muxer {
+    /// Listens on `path`; host connections are accepted once the muxer is
+    /// [`start`](Self::start)ed in the device's event loop.
     pub fn new(guest_cid: u64, path: &Path) -> Result<Self, Error> {
         let listener = bind_listener(path)?;
-        let epoll = Epoll::new().map_err(Error::Epoll)?;
-        let mut muxer = Muxer {
+        let mut fds = HashMap::new();
+        fds.insert(listener.as_raw_fd(), FdOwner::Listener);
+        Ok(Muxer {
             guest_cid,
             path: path.into(),
             listener,
-            epoll,
-            fds: HashMap::new(),
+            fds,
             connecting: HashMap::new(),
             conns: HashMap::new(),
             local_ports: HashSet::new(),
@@ -104,23 +111,29 @@ impl Muxer {
             rx_queued: HashSet::new(),
             resets: VecDeque::new(),
             listener_paused: false,
-        };
-        let fd = muxer.listener.as_raw_fd();
-        muxer.watch(fd, EventSet::IN).map_err(Error::Epoll)?;
-        muxer.fds.insert(fd, FdOwner::Listener);
-        Ok(muxer)
+        })
     }
 
-    /// Forgets every connection (the guest driver was reset), keeping the listening socket.
+    /// Starts accepting host connections: watches the listener in `backends`.
+    pub(crate) fn start(&mut self, backends: &mut dyn Backends) -> Result<(), event_loop::Error> {
+        self.watch_listener(backends)
+    }
+
+    /// Forgets every connection, closing their host sockets (the guest driver was reset), and
+    /// keeps the listening socket. Called once the event loop that watched them is gone.
     pub fn reset(&mut self) {
         for (_, conn) in self.conns.drain() {
             self.fds.remove(&conn.stream.as_raw_fd());
+        }
+        for (fd, _) in self.connecting.drain() {
+            self.fds.remove(&fd);
         }
         self.local_ports.clear();
         self.rx_order.clear();
         self.rx_queued.clear();
         self.resets.clear();
-        self.resume_listener();
+        // The next start watches it again.
+        self.listener_paused = false;
     }
 
     pub fn path(&self) -> &Path {
@@ -131,17 +144,19 @@ impl Muxer {
         self.conns.len()
     }
 
-    fn watch(&self, fd: RawFd, events: EventSet) -> std::io::Result<()> {
-        self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(events, fd as u64),
-        )
+    fn watch_listener(&self, backends: &mut dyn Backends) -> Result<(), event_loop::Error> {
+        let fd = self.listener.as_fd();
+        backends.add(fd, token(fd.as_raw_fd()), EventSet::IN)
     }
 
-    fn watch_stream(&self, fd: RawFd) -> std::io::Result<()> {
-        self.watch(
+    fn watch_stream(
+        backends: &mut dyn Backends,
+        stream: &UnixStream,
+    ) -> Result<(), event_loop::Error> {
+        let fd = stream.as_fd();
+        backends.add(
             fd,
+            token(fd.as_raw_fd()),
             EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
         )
     }
@@ -157,31 +172,20 @@ impl Muxer {
         !self.resets.is_empty() || !self.rx_order.is_empty()
     }
 
-    /// Handles whatever the host sockets have signalled, without blocking.
-    pub fn process_host_events(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(0, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::warn!("vsock epoll failed: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                self.handle_host_event(event.data() as RawFd, event.event_set());
-            }
-            if n < events.len() {
-                return;
-            }
-        }
-    }
-
-    fn handle_host_event(&mut self, fd: RawFd, set: EventSet) {
+    /// The socket watched with `token` is ready: accepts, reads a `CONNECT` line, or notes
+    /// that a connection can be read or written, without blocking.
+    pub(crate) fn handle_host_event(
+        &mut self,
+        backends: &mut dyn Backends,
+        token: u32,
+        set: EventSet,
+    ) {
+        let Ok(fd) = RawFd::try_from(token) else {
+            return;
+        };
         match self.fds.get(&fd) {
-            Some(FdOwner::Listener) => self.accept_host_connections(),
-            Some(FdOwner::Connecting) => self.read_connect(fd),
+            Some(FdOwner::Listener) => self.accept_host_connections(backends),
+            Some(FdOwner::Connecting) => self.read_connect(backends, fd),
             Some(FdOwner::Conn(key)) => {
                 let key = *key;
                 let Some(conn) = self.conns.get_mut(&key) else {
@@ -194,7 +198,7 @@ impl Muxer {
                 }
                 if set.contains(EventSet::OUT) && conn.wants_writable {
                     if let Err(e) = conn.flush_to_host() {
-                        tracing::debug!("vsock {key:?}: {e}");
+                        tracing::debug!("vsock {key:?}: {}", ErrorChain(&e));
                         conn.close_with_reset();
                     }
                 }
@@ -206,20 +210,22 @@ impl Muxer {
         }
     }
 
-    fn accept_host_connections(&mut self) {
+    fn accept_host_connections(&mut self, backends: &mut dyn Backends) {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    let fd = stream.as_raw_fd();
-                    if self.watch_stream(fd).is_ok() {
-                        self.fds.insert(fd, FdOwner::Connecting);
-                        self.connecting.insert(fd, (stream, Vec::new()));
-                        // The CONNECT line may already be there: edge-triggered needs a first read.
-                        self.read_connect(fd);
+                    if let Err(e) = Self::watch_stream(backends, &stream) {
+                        warn_rate_limited!("vsock: dropping a host connection: {}", ErrorChain(&e));
+                        continue;
                     }
+                    let fd = stream.as_raw_fd();
+                    self.fds.insert(fd, FdOwner::Connecting);
+                    self.connecting.insert(fd, (stream, Vec::new()));
+                    // The CONNECT line may already be there: edge-triggered needs a first read.
+                    self.read_connect(backends, fd);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -230,7 +236,7 @@ impl Muxer {
                         self.conns.len(),
                         self.path.display()
                     );
-                    self.pause_listener();
+                    self.pause_listener(backends);
                     return;
                 }
                 Err(e) => {
@@ -241,18 +247,24 @@ impl Muxer {
         }
     }
 
-    fn pause_listener(&mut self) {
-        let fd = self.listener.as_raw_fd();
-        let paused = self
-            .epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        self.listener_paused = paused.is_ok();
+    fn pause_listener(&mut self, backends: &mut dyn Backends) {
+        let fd = self.listener.as_fd();
+        backends.remove(fd, token(fd.as_raw_fd()));
+        self.listener_paused = true;
     }
 
     /// A descriptor was freed: a paused listener may accept again.
-    fn resume_listener(&mut self) {
-        if self.listener_paused && self.watch(self.listener.as_raw_fd(), EventSet::IN).is_ok() {
-            self.listener_paused = false;
+    fn resume_listener(&mut self, backends: &mut dyn Backends) {
+        if !self.listener_paused {
+            return;
+        }
+        match self.watch_listener(backends) {
+            Ok(()) => self.listener_paused = false,
+            Err(e) => warn_rate_limited!(
+                "vsock: host connections on {} still wait: {}",
+                self.path.display(),
+                ErrorChain(&e)
+            ),
         }
     }
 
@@ -261,7 +273,7 @@ impl Muxer {
         self.listener_paused
     }
 
-    fn read_connect(&mut self, fd: RawFd) {
+    fn read_connect(&mut self, backends: &mut dyn Backends, fd: RawFd) {
         let Some((stream, buf)) = self.connecting.get_mut(&fd) else {
             return;
         };
@@ -278,9 +290,11 @@ impl Muxer {
         };
         self.fds.remove(&fd);
         let Some(peer_port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            backends.remove(stream.as_fd(), token(fd));
             drop(stream); // closes it
-            return self.resume_listener();
+            return self.resume_listener(backends);
         };
+        // The socket stays watched, with the same token, as the connection's.
         let local_port = self.allocate_local_port();
         let mut conn = Connection::new_local(stream, local_port, peer_port);
         conn.host_readable = true;
@@ -318,17 +332,24 @@ impl Muxer {
         });
     }
 
-    fn remove(&mut self, key: Key) {
+    fn remove(&mut self, backends: &mut dyn Backends, key: Key) {
         if let Some(conn) = self.conns.remove(&key) {
-            self.fds.remove(&conn.stream.as_raw_fd());
+            let fd = conn.stream.as_fd();
+            backends.remove(fd, token(fd.as_raw_fd()));
+            self.fds.remove(&fd.as_raw_fd());
             self.local_ports.remove(&key.0);
             drop(conn);
-            self.resume_listener();
+            self.resume_listener(backends);
         }
     }
 
     /// A packet the guest sent (TX queue); `data` is its payload in guest memory.
-    pub fn send_pkt(&mut self, hdr: &Header, data: Option<&VolatileSlice<'_>>) {
+    pub(crate) fn send_pkt(
+        &mut self,
+        backends: &mut dyn Backends,
+        hdr: &Header,
+        data: Option<&VolatileSlice<'_>>,
+    ) {
         if hdr.type_ != VSOCK_TYPE_STREAM
             || hdr.src_cid != self.guest_cid
             || hdr.dst_cid != HOST_CID
@@ -340,7 +361,7 @@ impl Muxer {
         let op = Op::from_u16(hdr.op);
         if !self.conns.contains_key(&key) {
             return match op {
-                Some(Op::Request) => self.connect_to_host(hdr),
+                Some(Op::Request) => self.connect_to_host(backends, hdr),
                 _ => self.reset_reply(hdr),
             };
         }
@@ -360,14 +381,14 @@ impl Muxer {
                     None => Ok(()),
                 };
                 if let Err(e) = result {
-                    tracing::debug!("vsock {key:?}: {e}");
+                    tracing::debug!("vsock {key:?}: {}", ErrorChain(&e));
                     conn.close_with_reset();
                 }
             }
             Some(Op::CreditUpdate) => {}
             Some(Op::CreditRequest) => conn.push_pending(Pending::CreditUpdate),
             Some(Op::Shutdown) => conn.on_peer_shutdown(hdr.flags),
-            Some(Op::Rst) => return self.remove(key),
+            Some(Op::Rst) => return self.remove(backends, key),
             // A request for a live connection, data before the handshake, or an unknown op.
             _ => conn.close_with_reset(),
         }
@@ -376,7 +397,7 @@ impl Muxer {
         }
     }
 
-    fn connect_to_host(&mut self, hdr: &Header) {
+    fn connect_to_host(&mut self, backends: &mut dyn Backends, hdr: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
             return self.reset_reply(hdr);
         }
@@ -393,11 +414,12 @@ impl Muxer {
                     return self.reset_reply(hdr);
                 }
             };
-        let fd = stream.as_raw_fd();
-        if self.watch_stream(fd).is_err() {
+        if let Err(e) = Self::watch_stream(backends, &stream) {
+            warn_rate_limited!("vsock: refusing a guest connection: {}", ErrorChain(&e));
             return self.reset_reply(hdr);
         }
         let key = (hdr.dst_port, hdr.src_port);
+        let fd = stream.as_raw_fd();
         let conn = Connection::new_peer(
             stream,
             hdr.dst_port,
@@ -412,7 +434,12 @@ impl Muxer {
 
     /// Fills the next packet for the guest into `hdr` and `data` (an RX buffer); false when
     /// nothing is waiting.
-    pub fn recv_pkt(&mut self, hdr: &mut Header, data: Option<&VolatileSlice<'_>>) -> bool {
+    pub(crate) fn recv_pkt(
+        &mut self,
+        backends: &mut dyn Backends,
+        hdr: &mut Header,
+        data: Option<&VolatileSlice<'_>>,
+    ) -> bool {
         if let Some(reset) = self.resets.pop_front() {
             *hdr = reset;
             return true;
@@ -431,7 +458,7 @@ impl Muxer {
             let sent = conn.recv_pkt(hdr, data);
             let (again, done) = (conn.has_rx(), conn.is_done());
             if done {
-                self.remove(key);
+                self.remove(backends, key);
             } else if again {
                 self.queue_rx(key);
             }
@@ -440,13 +467,6 @@ impl Muxer {
             }
         }
         false
-    }
-}
-
-impl AsRawFd for Muxer {
-    /// The muxer's epoll: readable when a host socket needs attention.
-    fn as_raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
     }
 }
 
@@ -461,7 +481,10 @@ mod tests {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
 
+    use vmm_sys_util::epoll::EpollEvent;
+
     use super::*;
+    use crate::devices::virtio::test_utils::EpollBackends;
     use crate::devices::virtio::vsock::connection::CONN_BUF_SIZE;
     use crate::devices::virtio::vsock::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND};
 
@@ -470,6 +493,8 @@ mod tests {
     /// A stand-in for the guest driver: sends packets and collects what the muxer answers.
     struct Guest {
         muxer: Muxer,
+        /// The muxer's sockets, watched as the device's event loop watches them.
+        backends: EpollBackends,
         dir: vmm_sys_util::tempdir::TempDir,
         buf_alloc: u32,
         fwd_cnt: u32,
@@ -478,12 +503,31 @@ mod tests {
     impl Guest {
         fn new() -> Guest {
             let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vsock-test").unwrap();
-            let muxer = Muxer::new(GUEST_CID, &dir.as_path().join("v.sock")).unwrap();
+            let mut muxer = Muxer::new(GUEST_CID, &dir.as_path().join("v.sock")).unwrap();
+            let mut backends = EpollBackends::new();
+            muxer.start(&mut backends).unwrap();
             Guest {
                 muxer,
+                backends,
                 dir,
                 buf_alloc: 1 << 20,
                 fwd_cnt: 0,
+            }
+        }
+
+        /// Hands the muxer whatever its sockets have signalled, without blocking.
+        fn poll(&mut self) {
+            let mut events = vec![EpollEvent::default(); 64];
+            loop {
+                let n = self.backends.epoll.wait(0, &mut events).unwrap();
+                for event in &events[..n] {
+                    let token = event.data() as u32;
+                    self.muxer
+                        .handle_host_event(&mut self.backends, token, event.event_set());
+                }
+                if n < events.len() {
+                    return;
+                }
             }
         }
 
@@ -506,19 +550,22 @@ mod tests {
             };
             let mut copy = data.to_vec();
             let slice = VolatileSlice::from(copy.as_mut_slice());
-            self.muxer
-                .send_pkt(&hdr, if data.is_empty() { None } else { Some(&slice) });
+            let data = if data.is_empty() { None } else { Some(&slice) };
+            self.muxer.send_pkt(&mut self.backends, &hdr, data);
         }
 
         /// The next packet for the guest, waiting up to 5 s for host sockets to deliver.
         fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
-                self.muxer.process_host_events();
+                self.poll();
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut hdr = Header::default();
                 let slice = VolatileSlice::from(buf.as_mut_slice());
-                if self.muxer.recv_pkt(&mut hdr, Some(&slice)) {
+                if self
+                    .muxer
+                    .recv_pkt(&mut self.backends, &mut hdr, Some(&slice))
+                {
                     buf.truncate(hdr.len as usize);
                     return Some((hdr, buf));
                 }
@@ -603,15 +650,15 @@ mod tests {
             op: Op::Request as u16,
             ..Default::default()
         };
-        guest.muxer.send_pkt(&hdr, None);
+        guest.muxer.send_pkt(&mut guest.backends, &hdr, None);
         guest.recv_op(Op::Rst);
         hdr.src_cid = GUEST_CID;
         hdr.type_ = 2; // SEQPACKET: not offered
-        guest.muxer.send_pkt(&hdr, None);
+        guest.muxer.send_pkt(&mut guest.backends, &hdr, None);
         guest.recv_op(Op::Rst);
         hdr.type_ = VSOCK_TYPE_STREAM;
         hdr.op = 99;
-        guest.muxer.send_pkt(&hdr, None);
+        guest.muxer.send_pkt(&mut guest.backends, &hdr, None);
         guest.recv_op(Op::Rst);
         // An RST for nothing is not answered.
         guest.send(Op::Rst, 1, 4242, 0, b"");
@@ -772,13 +819,33 @@ mod tests {
         let mut guest = Guest::new();
         let mut bad = UnixStream::connect(guest.muxer.path()).unwrap();
         bad.write_all(b"HELLO there\n").unwrap();
-        guest.muxer.process_host_events();
+        guest.poll();
         let mut buf = [0u8; 4];
         bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(bad.read(&mut buf).unwrap(), 0);
         let (mut good, _) = host_connect(&mut guest, 13);
         good.write_all(b"x").unwrap();
         assert_eq!(guest.recv_op(Op::Rw).1, b"x");
+    }
+
+    #[test]
+    fn a_reset_closes_connections_and_clients_still_sending_their_connect_line() {
+        let mut guest = Guest::new();
+        let (mut connected, _) = host_connect(&mut guest, 14);
+        let mut half_open = UnixStream::connect(guest.muxer.path()).unwrap();
+        half_open.write_all(b"CONNECT 1").unwrap();
+        guest.poll();
+        // The device's loop is gone after a reset: nothing would ever read the rest of the
+        // line, so the client is told at once instead of hanging.
+        guest.muxer.reset();
+        let mut buf = [0u8; 4];
+        for client in [&mut connected, &mut half_open] {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF, not a timeout");
+        }
+        assert_eq!(guest.muxer.connection_count(), 0);
     }
 
     fn open_fds() -> Vec<i32> {
@@ -805,7 +872,7 @@ mod tests {
     const FD_CHILD_ENV: &str = "BERTH_VSOCK_FD_LIMIT_CHILD";
     const FD_TEST: &str = "running_out_of_descriptors_pauses_the_listener_instead_of_spinning";
 
-    /// At the open-file limit the level-triggered listener used to wake the worker forever
+    /// At the open-file limit the level-triggered listener used to wake the event loop forever
     /// (a busy loop with a warning each time). Runs in a child process: the limit is per process.
     #[test]
     fn running_out_of_descriptors_pauses_the_listener_instead_of_spinning() {
@@ -840,11 +907,11 @@ mod tests {
         let mut waiting = UnixStream::connect(guest.muxer.path()).unwrap();
         waiting.write_all(b"CONNECT 101\n").unwrap();
         for _ in 0..3 {
-            guest.muxer.process_host_events();
+            guest.poll();
         }
         assert!(guest.muxer.listener_paused());
         let mut pfd = libc::pollfd {
-            fd: guest.muxer.as_raw_fd(),
+            fd: guest.backends.epoll.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -852,7 +919,7 @@ mod tests {
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
         assert_eq!(
             ready, 0,
-            "the muxer's epoll must not stay readable (the worker would spin)"
+            "the event loop's epoll must not stay readable (the loop would spin)"
         );
         assert!(guest.recv().is_none());
         // The guest resets the first connection: its descriptor is freed and the waiting
@@ -862,7 +929,7 @@ mod tests {
         assert_eq!(req.dst_port, 101);
         // Still at the limit (accept needs a free descriptor even with nobody waiting): paused
         // again, and quiet.
-        guest.muxer.process_host_events();
+        guest.poll();
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0);
     }
