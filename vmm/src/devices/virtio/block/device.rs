@@ -37,8 +37,9 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the image at `path` (read-write unless `read_only`).
-    pub fn new(path: &Path, read_only: bool) -> Result<Self, Error> {
+    /// Opens the image at `path` (read-write unless `read_only`). `_serial` is the disk's
+    /// GET_ID answer (served by the device event loop's rewrite).
+    pub fn new(path: &Path, read_only: bool, _serial: Option<String>) -> Result<Self, Error> {
         let disk = Disk::open(path, read_only)?;
         let mut avail_features = feature(features::VERSION_1)
             | feature(features::RING_EVENT_IDX)

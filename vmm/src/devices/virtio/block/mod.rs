@@ -72,7 +72,7 @@ mod tests {
 
     /// A block device on `file`, activated with every feature it offers.
     fn start(file: &TempFile, read_only: bool) -> (Block, TestQueue) {
-        let mut block = Block::new(file.as_path(), read_only).unwrap();
+        let mut block = Block::new(file.as_path(), read_only, None).unwrap();
         block.set_acked_features(block.avail_features());
         let queue = TestQueue::new();
         queue.activate(&mut block, true);
@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn new_reports_capacity_features_and_config_space() {
         let file = image(8192 + 100);
-        let block = Block::new(file.as_path(), false).unwrap();
+        let block = Block::new(file.as_path(), false, None).unwrap();
         assert_eq!(block.capacity(), 16);
         let features = block.avail_features();
         for bit in [
@@ -156,7 +156,7 @@ mod tests {
         block.read_config(0x1000, &mut beyond);
         assert_eq!(beyond, [0; 4]);
 
-        let read_only = Block::new(file.as_path(), true).unwrap();
+        let read_only = Block::new(file.as_path(), true, None).unwrap();
         let features = read_only.avail_features();
         assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
@@ -168,25 +168,28 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("missing.img");
         assert!(matches!(
-            Block::new(&missing, false),
+            Block::new(&missing, false, None),
             Err(Error::NotFound { .. })
         ));
         let empty = dir.join("empty.img");
         fs::write(&empty, b"").unwrap();
-        assert!(matches!(Block::new(&empty, true), Err(Error::Empty { .. })));
+        assert!(matches!(
+            Block::new(&empty, true, None),
+            Err(Error::Empty { .. })
+        ));
         let tiny = dir.join("tiny.img");
         fs::write(&tiny, [1u8; 100]).unwrap();
         assert!(matches!(
-            Block::new(&tiny, true),
+            Block::new(&tiny, true, None),
             Err(Error::TooSmall { size: 100, .. })
         ));
         assert!(matches!(
-            Block::new(&dir, true),
+            Block::new(&dir, true, None),
             Err(Error::IsDirectory { .. })
         ));
         // Refused for writing even to root, readable by all.
         let sysfs = std::path::Path::new("/sys/kernel/notes");
-        let err = Block::new(sysfs, false).map(|_| ()).unwrap_err();
+        let err = Block::new(sysfs, false, None).map(|_| ()).unwrap_err();
         assert!(matches!(err, Error::NotWritable { .. }), "{err}");
         assert!(err.to_string().contains("read-only"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
