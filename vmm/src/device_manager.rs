@@ -30,7 +30,7 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    #[error("no interrupt line is left for another virtio device: the guest has {count} (IRQs {first}-{last})", count = .irqs.len(), first = .irqs.start, last = .irqs.end - 1)]
+    #[error("no interrupt line is left for another virtio device: the guest has {count} (IRQs {first}-{last})", count = .irqs.len(), first = .irqs.start, last = .irqs.end.saturating_sub(1))]
     OutOfIrqs { irqs: Range<u32> },
     #[error("no MMIO space is left for another {len:#x}-byte device window in {start:#x}-{end:#x}", start = .space.start, end = .space.end)]
     OutOfMmio { space: Range<u64>, len: u64 },
@@ -192,44 +192,36 @@ impl DiskFlush {
     }
 }
 
-/// The one place a device description becomes a device.
+/// The one place a device description becomes a device: `config` is `devices[index]`.
 pub fn build_device(index: usize, config: &DeviceConfig) -> Result<BuiltDevice, Error> {
-    let field = format!("devices[{index}]");
     let failed = |what: String| {
-        let field = field.clone();
         move |source: BoxError| Error::CreateDevice {
-            field,
+            field: format!("devices[{index}]"),
             what,
             source,
         }
     };
-    match config {
+    let (device, flush): (Box<dyn VirtioDevice>, _) = match config {
         DeviceConfig::Disk(disk) => {
-            let what = format!("disk {}", disk.path.display());
             let block = Block::new(&disk.path, disk.read_only, disk.serial.clone())
-                .map_err(|e| failed(what)(e.into()))?;
+                .map_err(|e| failed(format!("disk {}", disk.path.display()))(e.into()))?;
             let flush = match disk.read_only {
                 true => None,
                 false => Some(DiskFlush::open(disk.path.clone())?),
             };
-            Ok(BuiltDevice {
-                device: Box::new(block),
-                flush,
-            })
+            (Box::new(block), flush)
         }
-        DeviceConfig::Rng => Ok(BuiltDevice {
-            device: Box::new(Rng::new().map_err(|e| failed("rng".into())(e.into()))?),
-            flush: None,
-        }),
+        DeviceConfig::Rng => {
+            let rng = Rng::new().map_err(|e| failed("rng".into())(e.into()))?;
+            (Box::new(rng), None)
+        }
         DeviceConfig::Vsock(vsock) => {
-            let what = format!("vsock {}", vsock.socket.display());
-            let muxer = Muxer::new(vsock.cid, &vsock.socket).map_err(|e| failed(what)(e.into()))?;
-            Ok(BuiltDevice {
-                device: Box::new(Vsock::new(vsock.cid, muxer)),
-                flush: None,
-            })
+            let muxer = Muxer::new(vsock.cid, &vsock.socket)
+                .map_err(|e| failed(format!("vsock {}", vsock.socket.display()))(e.into()))?;
+            (Box::new(Vsock::new(vsock.cid, muxer)), None)
         }
-    }
+    };
+    Ok(BuiltDevice { device, flush })
 }
 
 /// The virtio devices of one VM: their slots, the MMIO bus they answer on, and their kernel
@@ -431,6 +423,19 @@ mod tests {
             slots.allocate(0x1000),
             Err(Error::OutOfMmio { .. })
         ));
+    }
+
+    #[test]
+    fn a_device_beyond_the_last_irq_is_refused_and_not_placed() {
+        let vm = FakeVm::default();
+        let mut devices = DeviceManager::new(SPACE, 5..6);
+        let only = devices.add(&vm, &memory(), rng()).unwrap();
+        let e = devices.add(&vm, &memory(), rng()).err().unwrap();
+        assert!(matches!(e, Error::OutOfIrqs { .. }), "{e}");
+        assert_eq!(devices.slots(), [only]);
+        assert_eq!(devices.cmdline_args().len(), 1);
+        assert_eq!(*vm.irqfds.borrow(), [5]);
+        assert!(!devices.mmio_bus().read(only.base + only.len, &mut [0u8; 4]));
     }
 
     #[test]

@@ -30,12 +30,12 @@ struct Args {
     /// Extra kernel command-line arguments (root=, init options, ...).
     #[arg(long, group = "flags")]
     cmdline: Option<String>,
-    /// Number of vCPUs [default: berth_machine::DEFAULT_CPUS].
-    #[arg(long, group = "flags")]
-    cpus: Option<u8>,
-    /// Guest memory in MiB [default: berth_machine::DEFAULT_MEMORY_MIB].
-    #[arg(long, group = "flags")]
-    memory: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long, group = "flags", default_value_t = berth_machine::DEFAULT_CPUS)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, group = "flags", default_value_t = berth_machine::DEFAULT_MEMORY_MIB)]
+    memory: u64,
     /// A disk image: PATH, PATH,ro for read-only, ...,serial=NAME for the serial the guest reads.
     /// Repeat for more; they appear as vda, vdb, ...
     #[arg(long = "disk", value_name = "PATH[,ro][,serial=NAME]", group = "flags")]
@@ -60,8 +60,8 @@ struct Args {
 }
 
 impl Args {
-    /// The machine description: read from `--config`, or built from the flags, whose left-out
-    /// values take the description's defaults.
+    /// The machine description: read from `--config`, or built from the flags (whose defaults
+    /// are the description's).
     fn vm_config(self) -> anyhow::Result<VmConfig> {
         if let Some(path) = &self.config {
             return read_config(path);
@@ -69,8 +69,8 @@ impl Args {
         let kernel = self.kernel.context("--kernel or --config is needed")?;
         let mut config = VmConfig::new(kernel);
         config.cmdline = self.cmdline.unwrap_or_default();
-        config.cpus = self.cpus.unwrap_or(config.cpus);
-        config.memory_mib = self.memory.unwrap_or(config.memory_mib);
+        config.cpus = self.cpus;
+        config.memory_mib = self.memory;
         config
             .devices
             .extend(self.disks.into_iter().map(DeviceConfig::Disk));
