@@ -1,190 +1,162 @@
-//! What the user asks the VMM to run, and the checks that turn a bad request into one clear
-//! line before anything is started.
+//! The checks that turn a bad machine description into one clear line before anything is
+//! started: the description's own ranges (`berth_machine::VmConfig::check`) and the files it
+//! names (the kernel exists and is a regular file, each disk opens with its mode). Each error
+//! names the field.
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
-pub const MIN_MEMORY_MIB: u64 = 64;
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-pub const MAX_CPUS: u8 = 64;
+pub use berth_machine::{DeviceConfig, DiskConfig, VmConfig, VsockConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("kernel {path}: {source}")]
+    #[error(transparent)]
+    Description(#[from] berth_machine::Error),
+    #[error("field `kernel`: cannot read the kernel {path}")]
     Kernel {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("kernel {0} is not a regular file")]
-    KernelNotFile(PathBuf),
-    #[error("memory of {0} MiB is too little: a Linux guest needs at least {MIN_MEMORY_MIB} MiB")]
-    TooLittleMemory(u64),
-    #[error("memory of {0} MiB is more than the {MAX_MEMORY_MIB} MiB this VMM supports")]
-    TooMuchMemory(u64),
-    #[error("{0} vCPUs: choose between 1 and {MAX_CPUS}")]
-    Cpus(u8),
-    #[error("disk {path}: {source}")]
+    #[error("field `kernel`: {path} is not a regular file")]
+    KernelNotFile { path: PathBuf },
+    #[error("field `{field}`: cannot open the disk image {path} {mode}")]
     Disk {
+        field: String,
         path: PathBuf,
+        mode: &'static str,
+        #[source]
         source: std::io::Error,
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
-impl std::str::FromStr for DiskConfig {
-    type Err = String;
-
-    /// `PATH` or `PATH,ro` (also `,rw`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (path, read_only) = match s.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            _ => (s, false),
-        };
-        if path.is_empty() {
-            return Err("a disk needs a path: --disk PATH[,ro]".into());
-        }
-        Ok(DiskConfig {
-            path: path.into(),
-            read_only,
-        })
+/// Checks everything that can be checked without starting the VM.
+pub fn validate(config: &VmConfig) -> Result<(), Error> {
+    config.check()?;
+    let kernel_error = |source| Error::Kernel {
+        path: config.kernel.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(&config.kernel).map_err(kernel_error)?;
+    if !meta.is_file() {
+        return Err(Error::KernelNotFile {
+            path: config.kernel.clone(),
+        });
     }
-}
-
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    /// Appended to the VMM's own arguments (console, devices).
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory_mib: u64,
-    pub disks: Vec<DiskConfig>,
-    pub rng: bool,
-    pub serial_log: Option<PathBuf>,
-    pub console: bool,
-    /// Host unix socket for virtio-vsock (hybrid convention); no vsock device when `None`.
-    pub vsock: Option<PathBuf>,
-}
-
-impl VmConfig {
-    /// Checks everything that can be checked without starting the VM.
-    pub fn validate(&self) -> Result<(), Error> {
-        let meta = std::fs::metadata(&self.kernel).map_err(|source| Error::Kernel {
-            path: self.kernel.clone(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(Error::KernelNotFile(self.kernel.clone()));
-        }
-        File::open(&self.kernel).map_err(|source| Error::Kernel {
-            path: self.kernel.clone(),
-            source,
-        })?;
-        if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(Error::TooLittleMemory(self.memory_mib));
-        }
-        if self.memory_mib > MAX_MEMORY_MIB {
-            return Err(Error::TooMuchMemory(self.memory_mib));
-        }
-        if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(Error::Cpus(self.cpus));
-        }
-        for disk in &self.disks {
+    File::open(&config.kernel).map_err(kernel_error)?;
+    for (i, device) in config.devices.iter().enumerate() {
+        if let DeviceConfig::Disk(disk) = device {
             OpenOptions::new()
                 .read(true)
                 .write(!disk.read_only)
                 .open(&disk.path)
                 .map_err(|source| Error::Disk {
+                    field: format!("devices[{i}].path"),
                     path: disk.path.clone(),
+                    mode: if disk.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
                     source,
                 })?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn config(kernel: PathBuf) -> VmConfig {
-        VmConfig {
-            kernel,
-            cmdline: String::new(),
-            cpus: 1,
-            memory_mib: 256,
-            disks: vec![],
-            rng: true,
-            serial_log: None,
-            console: false,
-            vsock: None,
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut line = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            line.push_str(": ");
+            line.push_str(&s.to_string());
+            source = s.source();
         }
+        line
     }
 
     #[test]
-    fn disk_arguments_parse() {
-        assert_eq!(
-            "a.img".parse(),
-            Ok(DiskConfig {
-                path: "a.img".into(),
-                read_only: false
-            })
-        );
-        assert_eq!(
-            "/x/a,b.img,ro".parse(),
-            Ok(DiskConfig {
-                path: "/x/a,b.img".into(),
-                read_only: true
-            })
-        );
-        assert_eq!(
-            "a.img,rw".parse(),
-            Ok(DiskConfig {
-                path: "a.img".into(),
-                read_only: false
-            })
-        );
-        assert!(",ro".parse::<DiskConfig>().is_err());
-    }
-
-    #[test]
-    fn bad_configurations_name_the_problem() {
+    fn bad_configurations_name_the_field() {
         let kernel = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        let good = config(kernel.as_path().into());
-        good.validate().unwrap();
+        let good = VmConfig::new(kernel.as_path());
+        validate(&good).unwrap();
 
-        let err = config("/no/such/vmlinux".into()).validate().unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("kernel /no/such/vmlinux: No such file"),
-            "{err}"
+        let err = validate(&VmConfig::new("/no/such/vmlinux")).unwrap_err();
+        assert_eq!(
+            chain(&err),
+            "field `kernel`: cannot read the kernel /no/such/vmlinux: No such file or directory (os error 2)"
         );
-        let err = config("/tmp".into()).validate().unwrap_err();
-        assert!(matches!(err, Error::KernelNotFile(_)), "{err}");
-        let err = VmConfig {
+        let err = validate(&VmConfig::new("/tmp")).unwrap_err();
+        assert_eq!(chain(&err), "field `kernel`: /tmp is not a regular file");
+        let err = validate(&VmConfig {
             memory_mib: 1,
             ..good.clone()
-        }
-        .validate()
+        })
         .unwrap_err();
-        assert!(err.to_string().contains("too little"), "{err}");
-        let err = VmConfig {
+        assert!(
+            chain(&err).starts_with("field `memory_mib`: 1 MiB is too little"),
+            "{err}"
+        );
+        let err = validate(&VmConfig {
             cpus: 0,
             ..good.clone()
-        }
-        .validate()
+        })
         .unwrap_err();
-        assert!(matches!(err, Error::Cpus(0)), "{err}");
-        let disks = vec![DiskConfig {
-            path: "/no/disk.img".into(),
-            read_only: true,
-        }];
-        let err = VmConfig { disks, ..good }.validate().unwrap_err();
-        assert!(err.to_string().starts_with("disk /no/disk.img:"), "{err}");
+        assert!(chain(&err).starts_with("field `cpus`:"), "{err}");
+
+        let devices = vec![
+            DeviceConfig::Rng,
+            DeviceConfig::Disk(DiskConfig {
+                path: "/no/disk.img".into(),
+                read_only: true,
+                serial: None,
+            }),
+        ];
+        let err = validate(&VmConfig { devices, ..good }).unwrap_err();
+        assert_eq!(
+            chain(&err),
+            "field `devices[1].path`: cannot open the disk image /no/disk.img read-only: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn a_disk_the_vmm_cannot_write_is_refused_unless_read_only() {
+        if nix_is_root() {
+            return; // root opens anything; the mode check cannot fail there.
+        }
+        let kernel = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let mut perms = image.as_file().metadata().unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o400);
+        std::fs::set_permissions(image.as_path(), perms).unwrap();
+        let with = |read_only| VmConfig {
+            devices: vec![DeviceConfig::Disk(DiskConfig {
+                path: image.as_path().into(),
+                read_only,
+                serial: None,
+            })],
+            ..VmConfig::new(kernel.as_path())
+        };
+        validate(&with(true)).unwrap();
+        let err = validate(&with(false)).unwrap_err();
+        assert!(
+            chain(&err).starts_with("field `devices[0].path`: cannot open the disk image"),
+            "{err}"
+        );
+        assert!(
+            chain(&err).contains("read-write: Permission denied"),
+            "{err}"
+        );
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() == 0 }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::sync::mpsc;
 
+use berth_machine::VmmExit;
+
 /// The reason the VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -16,20 +18,28 @@ pub enum ExitReason {
     Panic,
     /// Every vCPU halted with no interrupt controller to wake it (payload guests only).
     Halted,
+    /// The host proxy stopped the VM through the VMM's API socket.
+    Stopped,
     /// The VMM could not keep the guest running.
     Error(String),
 }
 
 impl ExitReason {
-    /// The VMM process's exit status for this reason.
-    pub fn exit_code(&self) -> i32 {
+    /// What the VMM's exit status says about this reason.
+    pub fn vmm_exit(&self) -> VmmExit {
         match self {
-            ExitReason::PowerOff | ExitReason::Halted => 0,
-            ExitReason::Error(_) => 1,
-            ExitReason::Reset => 2,
-            ExitReason::Panic => 3,
-            ExitReason::Crashed(_) => 4,
+            ExitReason::PowerOff | ExitReason::Halted => VmmExit::PowerOff,
+            ExitReason::Error(_) => VmmExit::VmmError,
+            ExitReason::Reset => VmmExit::Reset,
+            ExitReason::Panic => VmmExit::Panic,
+            ExitReason::Crashed(_) => VmmExit::Crash,
+            ExitReason::Stopped => VmmExit::Stopped,
         }
+    }
+
+    /// The VMM process's exit status for this reason (`berth_machine::VmmExit`'s table).
+    pub fn exit_code(&self) -> u8 {
+        self.vmm_exit().code()
     }
 }
 
@@ -46,5 +56,38 @@ impl ExitNotifier {
     pub fn notify(&self, reason: ExitReason) {
         // The receiver is gone only once the VM is already stopping: nothing left to tell.
         let _ = self.0.send(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_come_from_the_machine_descriptions_table() {
+        let all = [
+            ExitReason::PowerOff,
+            ExitReason::Reset,
+            ExitReason::Crashed(String::new()),
+            ExitReason::Panic,
+            ExitReason::Halted,
+            ExitReason::Stopped,
+            ExitReason::Error(String::new()),
+        ];
+        for reason in &all {
+            let code = i32::from(reason.exit_code());
+            assert_eq!(
+                VmmExit::from_code(code),
+                Some(reason.vmm_exit()),
+                "{reason:?}"
+            );
+        }
+        assert_eq!(ExitReason::Stopped.exit_code(), VmmExit::Stopped.code());
+        assert_eq!(
+            ExitReason::Halted.exit_code(),
+            0,
+            "a halted payload is a clean stop"
+        );
+        assert_eq!(ExitReason::Error(String::new()).exit_code(), 1);
     }
 }

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Address, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::{self, ApiServer, VmInfo};
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable};
 use crate::config::{self, VmConfig};
+use crate::device_manager::{self, DeviceManager};
 use crate::devices::power::{self, AcpiPm, I8042};
 use crate::devices::serial::{self, ConsoleSink, Serial};
-use crate::devices::virtio::vsock::{Muxer, Vsock};
-use crate::devices::virtio::{self, Block, MmioTransport, Rng, VirtioDevice};
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::hypervisor::{self, Hypervisor, Vm};
@@ -27,52 +27,42 @@ pub enum Error {
     Config(#[from] config::Error),
     #[error(transparent)]
     Hypervisor(#[from] hypervisor::Error),
-    #[error("allocating {0} MiB of guest memory failed: {1}")]
-    AllocateMemory(u64, vm_memory::mmap::FromRangesError),
-    #[error("cannot create the console log {path}: {source}")]
+    #[error("allocating {mib} MiB of guest memory")]
+    AllocateMemory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("creating the console log {path}")]
     SerialLog {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("creating an eventfd failed: {0}")]
-    EventFd(std::io::Error),
-    #[error("placing a device on the bus failed: {0}")]
-    Bus(#[from] crate::devices::bus::Error),
-    #[error("disk {path}: {source}")]
-    Disk {
-        path: PathBuf,
-        source: virtio::block::Error,
-    },
-    #[error("creating the entropy device failed: {0}")]
-    Rng(virtio::rng::Error),
-    #[error("creating the virtio-mmio transport failed: {0}")]
-    Transport(virtio::mmio::Error),
-    #[error("vsock: {0}")]
-    Vsock(virtio::vsock::muxer::Error),
-    #[error("too many devices: the guest has {} interrupt lines for virtio", layout::IOAPIC_PINS - layout::VIRTIO_IRQ_START)]
-    TooManyDevices,
+    #[error("creating an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("placing a legacy device on the I/O port bus")]
+    Bus(#[source] crate::devices::bus::Error),
+    #[error(transparent)]
+    Devices(#[from] device_manager::Error),
+    #[error(transparent)]
+    Api(#[from] api::Error),
     #[error(transparent)]
     Boot(#[from] boot::Error),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
     #[error(transparent)]
     Acpi(#[from] acpi::Error),
-    #[error("starting vCPU thread failed: {0}")]
-    SpawnVcpu(std::io::Error),
+    #[error("starting a vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
 }
-
-/// The guest's vsock context ID (0-2 are reserved: hypervisor, local, host).
-pub const GUEST_CID: u64 = 3;
 
 /// Everything the guest is wired to before its vCPUs start.
 struct Machine {
     vm: Box<dyn Vm>,
     mem: GuestMemory,
     io_bus: Bus,
-    mmio_bus: Bus,
-    /// `virtio_mmio.device=` arguments announcing the devices to the guest.
-    device_args: Vec<String>,
-    next_irq: u32,
+    devices: DeviceManager,
 }
 
 fn create_memory(vm: &dyn Vm, memory_mib: u64) -> Result<GuestMemory, Error> {
@@ -80,8 +70,10 @@ fn create_memory(vm: &dyn Vm, memory_mib: u64) -> Result<GuestMemory, Error> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let mem =
-        GuestMemory::from_ranges(&ranges).map_err(|e| Error::AllocateMemory(memory_mib, e))?;
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|source| Error::AllocateMemory {
+        mib: memory_mib,
+        source,
+    })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region.as_ptr() as u64;
         // SAFETY: the region is an mmap owned by `mem`, which the VMM keeps (through the
@@ -107,9 +99,10 @@ impl Machine {
             vm,
             mem,
             io_bus: Bus::new(),
-            mmio_bus: Bus::new(),
-            device_args: vec![],
-            next_irq: layout::VIRTIO_IRQ_START,
+            devices: DeviceManager::new(
+                layout::VIRTIO_MMIO_START..u64::from(layout::IOAPIC_ADDR),
+                layout::VIRTIO_IRQ_START..layout::IOAPIC_PINS,
+            ),
         })
     }
 
@@ -136,71 +129,44 @@ impl Machine {
             self.irq_event(layout::SERIAL_IRQ)?,
             ConsoleSink::new(log, config.console, panicked),
         );
-        self.io_bus.insert(
-            Arc::new(Mutex::new(serial)),
-            u64::from(serial::COM1_PORT),
-            serial::COM1_PORTS_LEN,
-        )?;
+        self.io_bus
+            .insert(
+                Arc::new(Mutex::new(serial)),
+                u64::from(serial::COM1_PORT),
+                serial::COM1_PORTS_LEN,
+            )
+            .map_err(Error::Bus)?;
         let pm = AcpiPm::new(exit.clone());
-        self.io_bus.insert(
-            Arc::new(Mutex::new(pm)),
-            u64::from(power::ACPI_PM1_EVT_PORT),
-            power::ACPI_PORTS_LEN,
-        )?;
+        self.io_bus
+            .insert(
+                Arc::new(Mutex::new(pm)),
+                u64::from(power::ACPI_PM1_EVT_PORT),
+                power::ACPI_PORTS_LEN,
+            )
+            .map_err(Error::Bus)?;
         let i8042 = I8042::new(exit.clone());
-        self.io_bus.insert(
-            Arc::new(Mutex::new(i8042)),
-            u64::from(power::I8042_PORT),
-            power::I8042_PORTS_LEN,
-        )?;
+        self.io_bus
+            .insert(
+                Arc::new(Mutex::new(i8042)),
+                u64::from(power::I8042_PORT),
+                power::I8042_PORTS_LEN,
+            )
+            .map_err(Error::Bus)?;
         Ok(())
     }
+}
 
-    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), Error> {
-        if self.next_irq >= layout::IOAPIC_PINS {
-            return Err(Error::TooManyDevices);
-        }
-        let irq = self.next_irq;
-        let base = layout::VIRTIO_MMIO_START
-            + u64::from(irq - layout::VIRTIO_IRQ_START) * virtio::mmio::MMIO_SIZE;
-        let transport = MmioTransport::new(self.mem.clone(), device, self.irq_event(irq)?)
-            .map_err(Error::Transport)?;
-        for (queue, event) in transport.queue_notify_events().iter().enumerate() {
-            self.vm.register_ioeventfd(
-                event,
-                base + virtio::mmio::QUEUE_NOTIFY_OFFSET,
-                queue as u32,
-            )?;
-        }
-        self.mmio_bus.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            virtio::mmio::MMIO_SIZE,
-        )?;
-        self.device_args
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        self.next_irq += 1;
-        Ok(())
-    }
-
-    fn add_virtio_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
-        for disk in &config.disks {
-            let block =
-                Block::new(&disk.path, disk.read_only, None).map_err(|source| Error::Disk {
-                    path: disk.path.clone(),
-                    source,
-                })?;
-            self.add_virtio(Box::new(block))?;
-        }
-        if config.rng {
-            self.add_virtio(Box::new(Rng::new().map_err(Error::Rng)?))?;
-        }
-        if let Some(path) = &config.vsock {
-            let muxer = Muxer::new(GUEST_CID, path).map_err(Error::Vsock)?;
-            self.add_virtio(Box::new(Vsock::new(GUEST_CID, muxer)))?;
-        }
-        Ok(())
-    }
+/// Serves the VMM API socket, if the description asks for one, until the returned server is
+/// dropped.
+fn start_api(config: &VmConfig, exit: &ExitNotifier) -> Result<Option<ApiServer>, Error> {
+    let Some(path) = &config.api_socket else {
+        return Ok(None);
+    };
+    let info = VmInfo {
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+    };
+    Ok(Some(ApiServer::start(path, info, exit.clone())?))
 }
 
 /// The kernel command line: the VMM's console and devices first, then the user's arguments.
@@ -214,25 +180,32 @@ fn kernel_cmdline(device_args: &[String], user: &str) -> String {
 }
 
 /// Boots the VM described by `config` and runs it until it stops.
+///
+/// With `config.api_socket`, the VMM serves its API there from before the devices are built
+/// until it returns; a `Stop` there stops the vCPUs, flushes the disks and returns
+/// `ExitReason::Stopped`.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
-    config.validate()?;
+    config::validate(config)?;
+    let (exit, exits) = ExitNotifier::new();
+    let _api = start_api(config, &exit)?;
     let hv = hypervisor::open()?;
     let mut machine = Machine::new(hv.as_ref(), config)?;
-    let (exit, exits) = ExitNotifier::new();
     let panicked = Arc::new(AtomicBool::new(false));
     machine.add_legacy_devices(config, &exit, panicked.clone())?;
-    machine.add_virtio_devices(config)?;
+    machine
+        .devices
+        .add_devices(machine.vm.as_ref(), &machine.mem, &config.devices)?;
 
     let rsdp = acpi::setup_acpi(&machine.mem, config.cpus)?;
     mptable::setup_mptable(&machine.mem, config.cpus)?;
-    let cmdline = kernel_cmdline(&machine.device_args, &config.cmdline);
+    let cmdline = kernel_cmdline(&machine.devices.cmdline_args(), &config.cmdline);
     tracing::info!("kernel command line: {cmdline}");
     let boot_state = boot::load_kernel(&machine.mem, &config.kernel, &cmdline, rsdp)?;
 
     let supported = hv.supported_cpuid()?;
     let ctx = VcpuContext {
         io_bus: Arc::new(machine.io_bus),
-        mmio_bus: Arc::new(machine.mmio_bus),
+        mmio_bus: Arc::new(machine.devices.mmio_bus().clone()),
         exit,
         stop: Arc::new(AtomicBool::new(false)),
     };
@@ -249,7 +222,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let reason = exits
         .recv()
         .unwrap_or_else(|_| ExitReason::Error("all vCPUs vanished".into()));
+    tracing::info!("the VM stops: {reason:?}");
     vcpu::stop_vcpus(&ctx.stop, threads);
+    let flushed = machine.devices.flush_disks();
+    tracing::info!(flushed, "vCPUs stopped, disk images flushed");
     Ok(match reason {
         ExitReason::Reset | ExitReason::Crashed(_) if panicked.load(Ordering::SeqCst) => {
             ExitReason::Panic
