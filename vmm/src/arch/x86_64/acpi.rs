@@ -20,7 +20,7 @@ use crate::memory::GuestMemory;
 pub enum Error {
     #[error("ACPI tables for {0} vCPUs do not fit below the MP table")]
     TooManyCpus(u8),
-    #[error("writing the ACPI tables into guest memory failed: {0}")]
+    #[error("writing the ACPI tables into guest memory failed")]
     WriteAcpiTables(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -20,20 +20,18 @@ use crate::memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         path: String,
         source: std::io::Error,
     },
-    #[error(
-        "{path} is not a kernel this VMM can boot (neither ELF vmlinux nor bzImage): {source}"
-    )]
+    #[error("{path} is not a kernel this VMM can boot (neither ELF vmlinux nor bzImage)")]
     LoadKernel { path: String, source: loader::Error },
-    #[error("kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
-    #[error("writing the kernel command line failed: {0}")]
-    WriteCmdline(loader::Error),
-    #[error("writing the boot information into guest memory failed: {0}")]
+    #[error("kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("writing the kernel command line failed")]
+    WriteCmdline(#[source] loader::Error),
+    #[error("writing the boot information into guest memory failed")]
     WriteBootInfo(#[from] vm_memory::GuestMemoryError),
     #[error(transparent)]
     BootTables(#[from] gdt::Error),

@@ -9,7 +9,7 @@ use crate::memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("writing the boot GDT, IDT or page tables into guest memory failed: {0}")]
+    #[error("writing the boot GDT, IDT or page tables into guest memory failed")]
     WriteBootTables(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -10,7 +10,7 @@ use crate::memory::GuestMemory;
 pub enum Error {
     #[error("an MP table for {0} vCPUs does not fit below 1 MiB")]
     TooManyCpus(u8),
-    #[error("writing the MP table into guest memory failed: {0}")]
+    #[error("writing the MP table into guest memory failed")]
     WriteMpTable(#[from] vm_memory::GuestMemoryError),
 }
 
