@@ -5,9 +5,7 @@
 //!
 //! Adding a device type: a folder under `devices/virtio/` and one arm in [`build_device`].
 
-use std::fs::File;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use berth_machine::DeviceConfig;
@@ -65,12 +63,6 @@ pub enum Error {
         base: u64,
         #[source]
         source: bus::Error,
-    },
-    #[error("opening disk image {path} to flush it at stop")]
-    OpenForFlush {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -170,30 +162,8 @@ impl<T: Vm + ?Sized> Wiring for T {
     }
 }
 
-/// A device built from its description, and what the VMM must do for it at stop.
-pub struct BuiltDevice {
-    pub device: Box<dyn VirtioDevice>,
-    /// A writable disk's image, synced to stable storage when the VM stops.
-    pub flush: Option<DiskFlush>,
-}
-
-/// A writable disk image to fsync at stop (an fd of the same file as the device's).
-pub struct DiskFlush {
-    path: PathBuf,
-    file: File,
-}
-
-impl DiskFlush {
-    fn open(path: PathBuf) -> Result<Self, Error> {
-        match File::open(&path) {
-            Ok(file) => Ok(DiskFlush { path, file }),
-            Err(source) => Err(Error::OpenForFlush { path, source }),
-        }
-    }
-}
-
 /// The one place a device description becomes a device: `config` is `devices[index]`.
-pub fn build_device(index: usize, config: &DeviceConfig) -> Result<BuiltDevice, Error> {
+pub fn build_device(index: usize, config: &DeviceConfig) -> Result<Box<dyn VirtioDevice>, Error> {
     let failed = |what: String| {
         move |source: BoxError| Error::CreateDevice {
             field: format!("devices[{index}]"),
@@ -201,27 +171,18 @@ pub fn build_device(index: usize, config: &DeviceConfig) -> Result<BuiltDevice, 
             source,
         }
     };
-    let (device, flush): (Box<dyn VirtioDevice>, _) = match config {
-        DeviceConfig::Disk(disk) => {
-            let block = Block::new(&disk.path, disk.read_only, disk.serial.clone())
-                .map_err(|e| failed(format!("disk {}", disk.path.display()))(e.into()))?;
-            let flush = match disk.read_only {
-                true => None,
-                false => Some(DiskFlush::open(disk.path.clone())?),
-            };
-            (Box::new(block), flush)
-        }
-        DeviceConfig::Rng => {
-            let rng = Rng::new().map_err(|e| failed("rng".into())(e.into()))?;
-            (Box::new(rng), None)
-        }
+    Ok(match config {
+        DeviceConfig::Disk(disk) => Box::new(
+            Block::new(&disk.path, disk.read_only, disk.serial.clone())
+                .map_err(|e| failed(format!("disk {}", disk.path.display()))(e.into()))?,
+        ),
+        DeviceConfig::Rng => Box::new(Rng::new().map_err(|e| failed("rng".into())(e.into()))?),
         DeviceConfig::Vsock(vsock) => {
             let muxer = Muxer::new(vsock.cid, &vsock.socket)
                 .map_err(|e| failed(format!("vsock {}", vsock.socket.display()))(e.into()))?;
-            (Box::new(Vsock::new(vsock.cid, muxer)), None)
+            Box::new(Vsock::new(vsock.cid, muxer))
         }
-    };
-    Ok(BuiltDevice { device, flush })
+    })
 }
 
 /// The virtio devices of one VM: their slots, the MMIO bus they answer on, and their kernel
@@ -230,7 +191,7 @@ pub struct DeviceManager {
     slots: SlotAllocator,
     mmio_bus: Bus,
     placed: Vec<MmioSlot>,
-    flushes: Vec<DiskFlush>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -240,7 +201,7 @@ impl DeviceManager {
             slots: SlotAllocator::new(space, irqs),
             mmio_bus: Bus::new(),
             placed: Vec::new(),
-            flushes: Vec::new(),
+            transports: Vec::new(),
         }
     }
 
@@ -252,9 +213,7 @@ impl DeviceManager {
         devices: &[DeviceConfig],
     ) -> Result<(), Error> {
         for (index, config) in devices.iter().enumerate() {
-            let built = build_device(index, config)?;
-            self.add(vm, mem, built.device)?;
-            self.flushes.extend(built.flush);
+            self.add(vm, mem, build_device(index, config)?)?;
         }
         Ok(())
     }
@@ -287,9 +246,11 @@ impl DeviceManager {
                     source,
                 })?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, slot.len)
+            .insert(transport.clone(), base, slot.len)
             .map_err(|source| Error::Bus { base, source })?;
+        self.transports.push(transport);
         tracing::info!(
             base = format_args!("{base:#x}"),
             irq = slot.irq,
@@ -314,20 +275,16 @@ impl DeviceManager {
         &self.mmio_bus
     }
 
-    /// Syncs every writable disk image to stable storage; logs (and skips) what fails. Called
-    /// once the vCPUs have stopped.
-    pub fn flush_disks(&self) -> usize {
-        let mut flushed = 0;
-        for disk in &self.flushes {
-            match disk.file.sync_all() {
-                Ok(()) => flushed += 1,
-                Err(e) => tracing::error!(
-                    path = %disk.path.display(),
-                    "flushing the disk image at stop failed: {e}"
-                ),
-            }
+    /// Shuts every device down (in-flight requests finish, event loops stop, disks sync their
+    /// images); returns how many. Called once the vCPUs have stopped.
+    pub fn shutdown_devices(&self) -> usize {
+        for transport in &self.transports {
+            transport
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .shutdown_device();
         }
-        flushed
+        self.transports.len()
     }
 }
 
@@ -336,6 +293,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::cell::RefCell;
     use std::os::unix::fs::FileExt;
+
+    use std::path::PathBuf;
 
     use berth_machine::DiskConfig;
     use vm_memory::GuestAddress;
@@ -503,11 +462,7 @@ mod tests {
         ];
         devices.add_devices(&vm, &memory(), &configs).unwrap();
         assert_eq!(devices.slots().len(), 3);
-        assert_eq!(
-            devices.flush_disks(),
-            1,
-            "only the writable disk is flushed"
-        );
+        assert_eq!(devices.shutdown_devices(), 3, "each device is shut down");
         let mut id = [0u8; 4];
         devices
             .mmio_bus()

@@ -224,8 +224,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
         .unwrap_or_else(|_| ExitReason::Error("all vCPUs vanished".into()));
     tracing::info!("the VM stops: {reason:?}");
     vcpu::stop_vcpus(&ctx.stop, threads);
-    let flushed = machine.devices.flush_disks();
-    tracing::info!(flushed, "vCPUs stopped, disk images flushed");
+    let devices = machine.devices.shutdown_devices();
+    tracing::info!(
+        devices,
+        "vCPUs stopped, devices shut down, disk images synced"
+    );
     Ok(match reason {
         ExitReason::Reset | ExitReason::Crashed(_) if panicked.load(Ordering::SeqCst) => {
             ExitReason::Panic

@@ -132,6 +132,11 @@ impl MmioTransport {
 
     /// One eventfd per queue, written when the driver notifies that queue. The VMM registers
     /// them as ioeventfds at `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch.
+    /// The VM is stopping: the device finishes what is in flight and makes it durable.
+    pub fn shutdown_device(&mut self) {
+        self.device.shutdown();
+    }
+
     pub fn queue_notify_events(&self) -> &[EventFd] {
         &self.notify_events
     }

@@ -129,6 +129,12 @@ pub trait VirtioDevice: Send {
     /// Stops the event loop and returns to the state before activation, so the driver can
     /// initialise the device again.
     fn reset(&mut self);
+    /// The VM is stopping (its vCPUs already have): finish what is in flight, stop the event
+    /// loop and make what the guest wrote durable (a disk syncs its image). Errors are the
+    /// device's to log. By default the same as a reset.
+    fn shutdown(&mut self) {
+        self.reset();
+    }
 }
 
 /// The interrupt of one virtio-mmio device: the InterruptStatus register, shared by the transport

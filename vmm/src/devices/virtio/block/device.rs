@@ -19,6 +19,7 @@ use super::{
     Error, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
 };
 use crate::devices::virtio::event_loop::EventLoop;
+use crate::devices::virtio::ErrorChain;
 use crate::devices::virtio::{
     feature, features, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
 };
@@ -192,5 +193,18 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.event_loop.stop();
         self.acked_features = 0;
+    }
+
+    /// Joins the event loop (a request it was serving completes first), then syncs the image.
+    fn shutdown(&mut self) {
+        self.reset();
+        if !self.disk.read_only() {
+            if let Err(e) = self.disk.flush() {
+                tracing::error!(
+                    error = %ErrorChain(&e),
+                    "syncing the disk image at stop failed"
+                );
+            }
+        }
     }
 }
