@@ -22,11 +22,12 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0} exists and is not a socket: refusing to replace it")]
+    #[error("{} exists and is not a socket: refusing to replace it", .0.display())]
     NotSocket(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {}", path.display())]
     Listen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -87,6 +88,11 @@ impl ApiSocket {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The next client.
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(client, _)| client)
     }
 
     /// Accepts clients forever, each served on its own task.

@@ -1,10 +1,13 @@
-//! Host-side client of the guest agent: control requests on `CONTROL_PORT` and shell sessions
-//! on `SHELL_PORT`, framed as the protocol crate says (4-byte big-endian length, then JSON).
+//! Host-side client of the guest agent: control connections on `CONTROL_PORT` (each opens with
+//! the `Hello` exchange) and shell sessions on `SHELL_PORT`, framed as the protocol crate says
+//! (4-byte big-endian length, then JSON).
 
 use std::path::Path;
 use std::time::Duration;
 
-use berth_protocol::{Request, Response, ShellRequest, CONTROL_PORT, MAX_FRAME, SHELL_PORT};
+use berth_protocol::{
+    Request, Response, ShellRequest, CONTROL_PORT, MAX_FRAME, PROTOCOL_VERSION, SHELL_PORT,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,14 +17,108 @@ use crate::hybrid::{self, ConnectError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("control channel: {0}")]
-    Protocol(#[from] berth_protocol::Error),
+    #[error("cannot connect to the guest agent")]
+    Connect(#[source] ConnectError),
+    #[error("control channel")]
+    Protocol(#[source] berth_protocol::Error),
     #[error("the guest agent closed the control channel without answering")]
     Closed,
     #[error("the guest agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the guest agent answered Hello with {0}")]
+    BadHello(String),
+}
+
+impl From<ConnectError> for Error {
+    fn from(e: ConnectError) -> Self {
+        Error::Connect(e)
+    }
+}
+
+impl From<berth_protocol::Error> for Error {
+    fn from(e: berth_protocol::Error) -> Self {
+        Error::Protocol(e)
+    }
+}
+
+/// What the agent said in answer to our `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    pub uptime_ms: u64,
+}
+
+/// A control connection that has exchanged `Hello`; more requests may follow on it.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    pub hello: Hello,
+}
+
+impl Connection {
+    /// Connects to the agent's control port and exchanges `Hello` (our `PROTOCOL_VERSION`),
+    /// all within `timeout`.
+    pub async fn open(vsock: &Path, timeout: Duration) -> Result<Connection, Error> {
+        let exchange = async {
+            let mut stream = hybrid::connect(vsock, CONTROL_PORT, timeout).await?;
+            let hello = Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+            };
+            write_frame(&mut stream, &hello).await?;
+            let answer = read_frame::<_, Response>(&mut stream)
+                .await?
+                .ok_or(Error::Closed)?;
+            match answer {
+                Response::Hello {
+                    protocol_version,
+                    agent_version,
+                    uptime_ms,
+                } => Ok(Connection {
+                    stream,
+                    hello: Hello {
+                        protocol_version,
+                        agent_version,
+                        uptime_ms,
+                    },
+                }),
+                other => Err(Error::BadHello(describe(&other))),
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    /// Sends one request and reads its answer, within `timeout`.
+    pub async fn request(&mut self, req: &Request, timeout: Duration) -> Result<Response, Error> {
+        let exchange = async {
+            write_frame(&mut self.stream, req).await?;
+            read_frame::<_, Response>(&mut self.stream)
+                .await?
+                .ok_or(Error::Closed)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    /// The stream, for a connection that now carries pushed `Event`s (after `Subscribe`).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+}
+
+/// A short name for an answer, for logs ("error: ...", "unsupported request stats").
+pub fn describe(response: &Response) -> String {
+    match response {
+        Response::Hello { .. } => "hello".into(),
+        Response::Health { .. } => "health".into(),
+        Response::Stats { .. } => "stats".into(),
+        Response::Ack => "ack".into(),
+        Response::Error { message } => format!("error {message:?}"),
+        Response::Unsupported { request } => format!("unsupported (request {request:?})"),
+    }
 }
 
 /// Writes one frame holding `msg`.
@@ -65,15 +162,12 @@ where
     Ok(Some(msg))
 }
 
-/// Sends one request on a fresh control connection and returns the agent's answer; the whole
-/// exchange (connecting included) is bounded by `timeout`.
+/// Sends one request on a fresh control connection (after the `Hello` exchange) and returns
+/// the agent's answer; the whole exchange (connecting included) is bounded by `timeout`.
 pub async fn request(vsock: &Path, req: &Request, timeout: Duration) -> Result<Response, Error> {
     let exchange = async {
-        let mut stream = hybrid::connect(vsock, CONTROL_PORT, timeout).await?;
-        write_frame(&mut stream, req).await?;
-        read_frame::<_, Response>(&mut stream)
-            .await?
-            .ok_or(Error::Closed)
+        let mut connection = Connection::open(vsock, timeout).await?;
+        connection.request(req, timeout).await
     };
     tokio::time::timeout(timeout, exchange)
         .await

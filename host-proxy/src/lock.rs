@@ -13,21 +13,24 @@ use crate::layout::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {}", path.display())]
     Open {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("Berth is already running{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Held { pid: Option<u32> },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {}", path.display())]
     Lock {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}", path.display())]
     WritePid {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }

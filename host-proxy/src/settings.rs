@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Kernel command line every Berth guest gets; `VmSettings::cmdline_extra` is appended.
-pub const BASE_CMDLINE: &str = "root=/dev/vda ro rootfstype=ext4 berth.data=/dev/vdb";
+pub const BASE_CMDLINE: &str = "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSettings {
