@@ -4,7 +4,8 @@
 //! Subscribe pushing one event, dockerd's ping, a shell) and the VMM API socket (Stop → exit
 //! 5). `BERTH_FAKE_VMM_MODE` (comma-separated) changes it: `panic` (exit 3 at boot), `deaf`
 //! (the control port refuses), `ignore-shutdown` (acknowledges Shutdown, never powers off),
-//! `old-agent` (answers Stats as unsupported), `stuck-api` (acknowledges Stop, never exits).
+//! `old-agent` (answers Stats as unsupported), `hang-stats` (never answers Stats), `stuck-api`
+//! (acknowledges Stop, never exits).
 #![allow(clippy::unwrap_used)] // a test helper: a failure is a test failure
 
 use std::io::{BufRead, BufReader, Write};
@@ -158,6 +159,11 @@ fn control(mut reader: BufReader<UnixStream>, mut stream: UnixStream, booted: In
                 containerd: true,
                 detail: "fake dockerd answers".into(),
             },
+            Request::Stats if mode("hang-stats") => {
+                // A guest too busy to answer: the status must not wait for it.
+                std::thread::sleep(Duration::from_secs(3600));
+                return;
+            }
             Request::Stats if mode("old-agent") => Response::Unsupported {
                 request: "stats".into(),
             },

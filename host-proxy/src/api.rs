@@ -153,8 +153,9 @@ pub fn unavailable_message(err: &ConnectError) -> String {
         "the Berth VM is not running: start it with `berth start`".into()
     } else {
         format!(
-            "the Berth VM is starting or dockerd in it is not ready yet ({err}); \
-             try again in a few seconds, or see `berth logs`"
+            "the Berth VM is starting or dockerd in it is not ready yet ({}); \
+             try again in a few seconds, or see `berth logs`",
+            crate::chain(err)
         )
     }
 }

@@ -95,8 +95,8 @@ pub enum Status {
     Stopped,
 }
 
-/// Is an instance running in `layout`? When not, files a crashed one left (pid, state, Docker
-/// socket) are removed.
+/// Is an instance running in `layout`? When not, files a crashed one left (pid, state, its
+/// sockets) are removed.
 pub fn probe(layout: &Layout) -> Result<Status, Error> {
     let path = layout.lock_file();
     let file = match File::open(&path) {
@@ -128,6 +128,9 @@ fn remove_stale(layout: &Layout) {
         layout.pid_file(),
         layout.state_file(),
         layout.docker_socket(),
+        layout.control_socket(),
+        layout.vsock_socket(),
+        layout.vmm_api_socket(),
     ] {
         if std::fs::remove_file(&path).is_ok() {
             tracing::info!("removed stale {}", path.display());

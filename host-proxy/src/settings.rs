@@ -33,3 +33,14 @@ impl VmSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_finds_the_data_disk_by_the_serial_the_host_gives_it() {
+        let wanted = format!("berth.data=serial:{}", berth_machine::DATA_DISK_SERIAL);
+        assert!(BASE_CMDLINE.ends_with(&wanted), "{BASE_CMDLINE}");
+    }
+}

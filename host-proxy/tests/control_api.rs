@@ -247,6 +247,25 @@ fn an_old_agents_unsupported_answer_is_logged_not_fatal() {
 }
 
 #[test]
+fn the_status_answers_fast_when_the_guest_does_not() {
+    let home = Home::new();
+    let mut proxy = home.spawn("hang-stats", &[]);
+    home.wait_state("running");
+    let asked = std::time::Instant::now();
+    let status = get(&home.control(), "/v1/status").json();
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the status took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["guest"]["agent_version"], "fake-agent 9.9");
+    assert_eq!(status["guest"]["stats"], serde_json::Value::Null);
+    proxy.signal(rustix::process::Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
 fn a_shell_is_spliced_to_the_guests_shell_port() {
     let home = Home::new();
     let mut proxy = home.spawn("normal", &[]);

@@ -194,9 +194,9 @@ fn events(shared: &Arc<Shared>) -> Answered {
                 () = lines.closed() => return,
                 received = receiver.recv() => match received {
                     Ok(event) => next = Some(event),
+                    // The oldest were dropped for it; it goes on with the ones still kept.
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::info!("an event client fell {missed} events behind");
-                        receiver = receiver.resubscribe();
+                        tracing::info!("an event client fell behind and missed {missed} events");
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },

@@ -313,20 +313,22 @@ impl Shared {
 
     /// The status document, as it is this moment.
     pub fn status(&self) -> Status {
-        let inner = self.lock();
-        let layout = &self.layout;
-        let settings = match &inner.settings {
+        let running = self.lock().settings.clone();
+        // Read outside the lock: the file system may be slow, the lifecycle must not wait.
+        let settings = match running {
             Some(running) => Settings {
                 cpus: running.cpus,
                 memory_mib: running.memory_mib,
                 disk_size_gib: running.disk_size_gib,
-                kernel: Some(running.kernel.clone()),
-                rootfs: Some(running.rootfs.clone()),
-                vmm: Some(running.vmm.clone()),
-                cmdline_extra: running.cmdline_extra.clone(),
+                kernel: Some(running.kernel),
+                rootfs: Some(running.rootfs),
+                vmm: Some(running.vmm),
+                cmdline_extra: running.cmdline_extra,
             },
             None => next_settings(),
         };
+        let inner = self.lock();
+        let layout = &self.layout;
         Status {
             api_version: API_VERSION,
             version: env!("CARGO_PKG_VERSION").into(),
@@ -366,5 +368,89 @@ fn next_settings() -> Settings {
         rootfs: artifact(Artifact::Rootfs),
         vmm: artifact(Artifact::Vmm),
         cmdline_extra: config.cmdline_extra.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> (Arc<Shared>, mpsc::UnboundedReceiver<Command>) {
+        Shared::new(
+            Layout::new("/h"),
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn state(answer: &Answer) -> VmState {
+        match answer {
+            Answer::Accepted(s) | Answer::Already(s) | Answer::Conflict(s) => s.state,
+        }
+    }
+
+    #[test]
+    fn requests_move_the_state_or_say_why_not() {
+        let (shared, mut queue) = shared();
+        let (first, mut events) = shared.subscribe();
+        assert_eq!(first.state, VmState::Stopped);
+
+        let stop = shared.ask(Ask::Stop, None);
+        assert!(matches!(stop, Answer::Already(_)), "{stop:?}");
+        let start = shared.ask(Ask::Start, None);
+        assert!(matches!(start, Answer::Accepted(_)), "{start:?}");
+        assert_eq!(state(&start), VmState::Starting);
+        assert_eq!(queue.try_recv().unwrap(), Command::Start);
+        assert!(matches!(shared.ask(Ask::Start, None), Answer::Already(_)));
+        assert!(queue.try_recv().is_err(), "nothing more to do");
+
+        let stop = shared.ask(Ask::Stop, Some(Duration::from_secs(3)));
+        assert_eq!(state(&stop), VmState::Stopping);
+        assert_eq!(
+            queue.try_recv().unwrap(),
+            Command::Stop {
+                timeout: Duration::from_secs(3)
+            }
+        );
+        let start = shared.ask(Ask::Start, None);
+        assert!(matches!(start, Answer::Conflict(_)), "{start:?}");
+        let quit = shared.ask(Ask::Quit, None);
+        assert!(matches!(quit, Answer::Accepted(_)), "{quit:?}");
+        assert_eq!(
+            queue.try_recv().unwrap(),
+            Command::Quit {
+                timeout: Duration::from_secs(30)
+            },
+            "a quit while stopping waits for the stop, with the default timeout"
+        );
+
+        let seen: Vec<VmState> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| match e {
+                ApiEvent::State(s) => s.state,
+                ApiEvent::Guest { .. } => panic!("no guest here"),
+            })
+            .collect();
+        assert_eq!(seen, [VmState::Starting, VmState::Stopping]);
+    }
+
+    #[test]
+    fn a_previous_runs_guest_cannot_change_this_runs_state() {
+        let (shared, _queue) = shared();
+        shared.ask(Ask::Start, None);
+        let old = shared.begin_run();
+        let new = shared.begin_run();
+        let hello = Hello {
+            protocol_version: 3,
+            agent_version: "a".into(),
+            uptime_ms: 1,
+        };
+        assert!(!shared.record_hello(old, &hello));
+        shared.record_health(old, true, true, String::new());
+        assert_eq!(shared.state().state, VmState::Starting);
+        assert!(shared.record_hello(new, &hello));
+        assert!(!shared.record_hello(new, &hello), "recorded once per run");
+        shared.record_health(new, true, true, "ok".into());
+        assert_eq!(shared.state().state, VmState::Running);
+        assert_eq!(shared.state().reason.as_deref(), Some("dockerd answers"));
     }
 }
