@@ -202,6 +202,80 @@ mod tests {
         assert_eq!(read_frame::<_, Request>(&mut r).await.unwrap(), None);
     }
 
+    /// A VMM with an agent behind it that answers each request with the next of `answers`.
+    fn fake_agent(path: &Path, answers: Vec<Response>) -> tokio::task::JoinHandle<Vec<Request>> {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"CONNECT 1024\n");
+            s.write_all(b"OK 1\n").await.unwrap();
+            let mut seen = Vec::new();
+            for answer in answers {
+                let Some(req) = read_frame::<_, Request>(&mut s).await.unwrap() else {
+                    break;
+                };
+                seen.push(req);
+                write_frame(&mut s, &answer).await.unwrap();
+            }
+            seen
+        })
+    }
+
+    #[tokio::test]
+    async fn every_connection_opens_with_hello_and_then_carries_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let agent = fake_agent(
+            &vsock,
+            vec![
+                Response::Hello {
+                    protocol_version: 2,
+                    agent_version: "0.0.9".into(),
+                    uptime_ms: 5,
+                },
+                Response::Unsupported {
+                    request: "stats".into(),
+                },
+            ],
+        );
+        let timeout = Duration::from_secs(5);
+        let mut connection = Connection::open(&vsock, timeout).await.unwrap();
+        assert_eq!(connection.hello.protocol_version, 2);
+        assert_eq!(connection.hello.agent_version, "0.0.9");
+        let answer = connection.request(&Request::Stats, timeout).await.unwrap();
+        assert_eq!(describe(&answer), r#"unsupported (request "stats")"#);
+        drop(connection);
+        let seen = agent.await.unwrap();
+        assert_eq!(
+            seen,
+            [
+                Request::Hello {
+                    protocol_version: PROTOCOL_VERSION
+                },
+                Request::Stats
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_hello_with_hello_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let _agent = fake_agent(
+            &vsock,
+            vec![Response::Error {
+                message: "who are you".into(),
+            }],
+        );
+        let err = Connection::open(&vsock, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::BadHello(_)), "{err}");
+        assert!(err.to_string().contains("who are you"), "{err}");
+    }
+
     #[tokio::test]
     async fn oversized_and_truncated_frames_are_refused() {
         let huge = (MAX_FRAME + 1).to_be_bytes();

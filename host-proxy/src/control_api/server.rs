@@ -18,14 +18,12 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
-use super::model::{Accepted, ApiError, ApiEvent, StopRequest, VmState, PREFIX};
+use super::model::{Accepted, ApiError, ApiEvent, StopRequest, VmState, PREFIX, SHELL_UPGRADE};
 use crate::api::ApiSocket;
 use crate::chain;
 use crate::daemon::{self, Answer, Ask, Shared};
 use crate::hybrid;
 
-/// The `Upgrade` protocol of `POST /v1/shell`.
-pub const SHELL_UPGRADE: &str = "berth-shell";
 /// A request body larger than this is refused (the API's bodies are a few bytes).
 const MAX_BODY: usize = 64 * 1024;
 /// Lines an event client may have unsent before it waits (then it falls behind the broadcast,

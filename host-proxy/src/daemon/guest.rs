@@ -27,15 +27,20 @@ const EVENT_LOGS_PER_MINUTE: u32 = 30;
 /// Follows the guest of `run` until the task is aborted (when the VM stops).
 pub async fn watch(shared: Arc<Shared>, run: u64) {
     wait_until_running(&shared, run).await;
-    let mut limiter = RateLimit::new(EVENT_LOGS_PER_MINUTE);
+    let mut events = RateLimit::new(EVENT_LOGS_PER_MINUTE);
+    // The guest decides how often its stream ends: log a few of those, not every one.
+    let mut ends = RateLimit::new(EVENT_LOGS_PER_MINUTE / 10);
     loop {
-        match subscribe(&shared, run, &mut limiter).await {
+        let ended = match subscribe(&shared, run, &mut events).await {
             Ok(Subscription::Unsupported) => {
                 tracing::info!("the guest agent does not push events (an older agent)");
                 return;
             }
-            Ok(Subscription::Ended) => tracing::info!("the guest agent closed the event stream"),
-            Err(e) => tracing::info!("guest event stream: {}", chain(&e)),
+            Ok(Subscription::Ended) => "the guest agent closed the event stream".to_string(),
+            Err(e) => format!("guest event stream: {}", chain(&e)),
+        };
+        if ends.allow() {
+            tracing::info!("{ended}");
         }
         tokio::time::sleep(RESUBSCRIBE).await;
     }
