@@ -22,11 +22,12 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0} exists and is not a socket: refusing to replace it")]
+    #[error("{} exists and is not a socket: refusing to replace it", .0.display())]
     NotSocket(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {}", path.display())]
     Listen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -89,6 +90,11 @@ impl ApiSocket {
         &self.path
     }
 
+    /// The next client.
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(client, _)| client)
+    }
+
     /// Accepts clients forever, each served on its own task.
     pub async fn serve(&self, forwarder: Arc<Forwarder>) {
         loop {
@@ -147,8 +153,9 @@ pub fn unavailable_message(err: &ConnectError) -> String {
         "the Berth VM is not running: start it with `berth start`".into()
     } else {
         format!(
-            "the Berth VM is starting or dockerd in it is not ready yet ({err}); \
-             try again in a few seconds, or see `berth logs`"
+            "the Berth VM is starting or dockerd in it is not ready yet ({}); \
+             try again in a few seconds, or see `berth logs`",
+            crate::chain(err)
         )
     }
 }

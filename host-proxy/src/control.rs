@@ -1,10 +1,13 @@
-//! Host-side client of the guest agent: control requests on `CONTROL_PORT` and shell sessions
-//! on `SHELL_PORT`, framed as the protocol crate says (4-byte big-endian length, then JSON).
+//! Host-side client of the guest agent: control connections on `CONTROL_PORT` (each opens with
+//! the `Hello` exchange) and shell sessions on `SHELL_PORT`, framed as the protocol crate says
+//! (4-byte big-endian length, then JSON).
 
 use std::path::Path;
 use std::time::Duration;
 
-use berth_protocol::{Request, Response, ShellRequest, CONTROL_PORT, MAX_FRAME, SHELL_PORT};
+use berth_protocol::{
+    Request, Response, ShellRequest, CONTROL_PORT, MAX_FRAME, PROTOCOL_VERSION, SHELL_PORT,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,14 +17,108 @@ use crate::hybrid::{self, ConnectError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("control channel: {0}")]
-    Protocol(#[from] berth_protocol::Error),
+    #[error("cannot connect to the guest agent")]
+    Connect(#[source] ConnectError),
+    #[error("control channel")]
+    Protocol(#[source] berth_protocol::Error),
     #[error("the guest agent closed the control channel without answering")]
     Closed,
     #[error("the guest agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the guest agent answered Hello with {0}")]
+    BadHello(String),
+}
+
+impl From<ConnectError> for Error {
+    fn from(e: ConnectError) -> Self {
+        Error::Connect(e)
+    }
+}
+
+impl From<berth_protocol::Error> for Error {
+    fn from(e: berth_protocol::Error) -> Self {
+        Error::Protocol(e)
+    }
+}
+
+/// What the agent said in answer to our `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    pub uptime_ms: u64,
+}
+
+/// A control connection that has exchanged `Hello`; more requests may follow on it.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    pub hello: Hello,
+}
+
+impl Connection {
+    /// Connects to the agent's control port and exchanges `Hello` (our `PROTOCOL_VERSION`),
+    /// all within `timeout`.
+    pub async fn open(vsock: &Path, timeout: Duration) -> Result<Connection, Error> {
+        let exchange = async {
+            let mut stream = hybrid::connect(vsock, CONTROL_PORT, timeout).await?;
+            let hello = Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+            };
+            write_frame(&mut stream, &hello).await?;
+            let answer = read_frame::<_, Response>(&mut stream)
+                .await?
+                .ok_or(Error::Closed)?;
+            match answer {
+                Response::Hello {
+                    protocol_version,
+                    agent_version,
+                    uptime_ms,
+                } => Ok(Connection {
+                    stream,
+                    hello: Hello {
+                        protocol_version,
+                        agent_version,
+                        uptime_ms,
+                    },
+                }),
+                other => Err(Error::BadHello(describe(&other))),
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    /// Sends one request and reads its answer, within `timeout`.
+    pub async fn request(&mut self, req: &Request, timeout: Duration) -> Result<Response, Error> {
+        let exchange = async {
+            write_frame(&mut self.stream, req).await?;
+            read_frame::<_, Response>(&mut self.stream)
+                .await?
+                .ok_or(Error::Closed)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    /// The stream, for a connection that now carries pushed `Event`s (after `Subscribe`).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+}
+
+/// A short name for an answer, for logs ("error: ...", "unsupported request stats").
+pub fn describe(response: &Response) -> String {
+    match response {
+        Response::Hello { .. } => "hello".into(),
+        Response::Health { .. } => "health".into(),
+        Response::Stats { .. } => "stats".into(),
+        Response::Ack => "ack".into(),
+        Response::Error { message } => format!("error {message:?}"),
+        Response::Unsupported { request } => format!("unsupported (request {request:?})"),
+    }
 }
 
 /// Writes one frame holding `msg`.
@@ -65,15 +162,12 @@ where
     Ok(Some(msg))
 }
 
-/// Sends one request on a fresh control connection and returns the agent's answer; the whole
-/// exchange (connecting included) is bounded by `timeout`.
+/// Sends one request on a fresh control connection (after the `Hello` exchange) and returns
+/// the agent's answer; the whole exchange (connecting included) is bounded by `timeout`.
 pub async fn request(vsock: &Path, req: &Request, timeout: Duration) -> Result<Response, Error> {
     let exchange = async {
-        let mut stream = hybrid::connect(vsock, CONTROL_PORT, timeout).await?;
-        write_frame(&mut stream, req).await?;
-        read_frame::<_, Response>(&mut stream)
-            .await?
-            .ok_or(Error::Closed)
+        let mut connection = Connection::open(vsock, timeout).await?;
+        connection.request(req, timeout).await
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -106,6 +200,80 @@ mod tests {
         let mut r = ours.as_slice();
         assert_eq!(read_frame::<_, Request>(&mut r).await.unwrap(), Some(req));
         assert_eq!(read_frame::<_, Request>(&mut r).await.unwrap(), None);
+    }
+
+    /// A VMM with an agent behind it that answers each request with the next of `answers`.
+    fn fake_agent(path: &Path, answers: Vec<Response>) -> tokio::task::JoinHandle<Vec<Request>> {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"CONNECT 1024\n");
+            s.write_all(b"OK 1\n").await.unwrap();
+            let mut seen = Vec::new();
+            for answer in answers {
+                let Some(req) = read_frame::<_, Request>(&mut s).await.unwrap() else {
+                    break;
+                };
+                seen.push(req);
+                write_frame(&mut s, &answer).await.unwrap();
+            }
+            seen
+        })
+    }
+
+    #[tokio::test]
+    async fn every_connection_opens_with_hello_and_then_carries_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let agent = fake_agent(
+            &vsock,
+            vec![
+                Response::Hello {
+                    protocol_version: 2,
+                    agent_version: "0.0.9".into(),
+                    uptime_ms: 5,
+                },
+                Response::Unsupported {
+                    request: "stats".into(),
+                },
+            ],
+        );
+        let timeout = Duration::from_secs(5);
+        let mut connection = Connection::open(&vsock, timeout).await.unwrap();
+        assert_eq!(connection.hello.protocol_version, 2);
+        assert_eq!(connection.hello.agent_version, "0.0.9");
+        let answer = connection.request(&Request::Stats, timeout).await.unwrap();
+        assert_eq!(describe(&answer), r#"unsupported (request "stats")"#);
+        drop(connection);
+        let seen = agent.await.unwrap();
+        assert_eq!(
+            seen,
+            [
+                Request::Hello {
+                    protocol_version: PROTOCOL_VERSION
+                },
+                Request::Stats
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_hello_with_hello_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let _agent = fake_agent(
+            &vsock,
+            vec![Response::Error {
+                message: "who are you".into(),
+            }],
+        );
+        let err = Connection::open(&vsock, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::BadHello(_)), "{err}");
+        assert!(err.to_string().contains("who are you"), "{err}");
     }
 
     #[tokio::test]

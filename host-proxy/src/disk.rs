@@ -8,15 +8,17 @@ pub const GIB: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot prepare the data disk {path}: {source}")]
+    #[error("cannot prepare the data disk {}", path.display())]
     Io {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error(
-        "the data disk {path} is {current_gib} GiB, larger than the configured {wanted_gib} GiB: \
+        "the data disk {} is {current_gib} GiB, larger than the configured {wanted_gib} GiB: \
          shrinking is refused (set disk_size_gib to at least {current_gib}, or delete the disk \
-         to start over)"
+         to start over)",
+        path.display()
     )]
     Shrink {
         path: PathBuf,

@@ -12,9 +12,10 @@ const MAX_REPLY: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot reach the VMM at {path}: {source}")]
+    #[error("cannot reach the VMM at {}", path.display())]
     Socket {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("guest port {port} refused the connection (nothing listens there yet)")]
@@ -23,8 +24,12 @@ pub enum ConnectError {
     Timeout { port: u32, timeout: Duration },
     #[error("unexpected answer to CONNECT {port}: {reply:?}")]
     BadReply { port: u32, reply: String },
-    #[error("vsock handshake for guest port {port}: {source}")]
-    Handshake { port: u32, source: std::io::Error },
+    #[error("vsock handshake for guest port {port}")]
+    Handshake {
+        port: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ConnectError {

@@ -10,9 +10,10 @@ pub const HOME_ENV: &str = "BERTH_HOME";
 pub enum Error {
     #[error("cannot find the home directory: set {HOME_ENV}")]
     NoHome,
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {}", path.display())]
     CreateDir {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -56,6 +57,18 @@ impl Layout {
     }
     pub fn vsock_socket(&self) -> PathBuf {
         self.run_dir().join("vsock.sock")
+    }
+    /// The control API (`host-proxy/API.md`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir().join("berth.sock")
+    }
+    /// The VMM's API socket, for the host proxy only.
+    pub fn vmm_api_socket(&self) -> PathBuf {
+        self.run_dir().join("vmm.sock")
+    }
+    /// The machine description the VMM boots (`berth-vmm --config run/vm.json`).
+    pub fn vm_config(&self) -> PathBuf {
+        self.run_dir().join("vm.json")
     }
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir().join("berth.lock")

@@ -13,21 +13,24 @@ use crate::layout::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {}", path.display())]
     Open {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("Berth is already running{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Held { pid: Option<u32> },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {}", path.display())]
     Lock {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}", path.display())]
     WritePid {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -92,8 +95,8 @@ pub enum Status {
     Stopped,
 }
 
-/// Is an instance running in `layout`? When not, files a crashed one left (pid, state, Docker
-/// socket) are removed.
+/// Is an instance running in `layout`? When not, files a crashed one left (pid, state, its
+/// sockets) are removed.
 pub fn probe(layout: &Layout) -> Result<Status, Error> {
     let path = layout.lock_file();
     let file = match File::open(&path) {
@@ -125,6 +128,9 @@ fn remove_stale(layout: &Layout) {
         layout.pid_file(),
         layout.state_file(),
         layout.docker_socket(),
+        layout.control_socket(),
+        layout.vsock_socket(),
+        layout.vmm_api_socket(),
     ] {
         if std::fs::remove_file(&path).is_ok() {
             tracing::info!("removed stale {}", path.display());

@@ -1,5 +1,7 @@
-//! `berth-host-proxy`: the background daemon `berth start` launches. It runs the VMM, serves
-//! the Docker API socket and exits when the VMM does; logs go to `<home>/logs/host-proxy.log`.
+//! `berth-host-proxy`: the background daemon `berth start` launches. It owns the VM's
+//! lifecycle (booting it from the config file, stopping it), serves the Docker API socket and
+//! the control API (`run/berth.sock`) until it is told to quit; logs go to
+//! `<home>/logs/host-proxy.log`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -9,47 +11,31 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_host_proxy::daemon::{self, Config};
-use berth_host_proxy::{Layout, VmSettings};
+use berth_host_proxy::Layout;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "berth-host-proxy",
     version,
-    about = "Berth's host daemon: runs the VM and serves the Docker API socket"
+    about = "Berth's host daemon: owns the VM, serves the Docker API socket and the control API"
 )]
 struct Args {
     /// Berth's home (run/, logs/, data.img); default $BERTH_HOME, else ~/.berth.
     #[arg(long)]
     home: Option<PathBuf>,
-    /// The berth-vmm binary.
-    #[arg(long)]
-    vmm: PathBuf,
-    /// Guest kernel.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Guest root filesystem image (attached read-only).
-    #[arg(long)]
-    rootfs: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    cpus: u8,
-    #[arg(long, default_value_t = 2048)]
-    memory_mib: u64,
-    /// Size of the data disk, created sparse if missing.
-    #[arg(long, default_value_t = 64)]
-    disk_size_gib: u64,
-    /// Appended to the guest kernel command line.
-    #[arg(long, default_value = "")]
-    cmdline_extra: String,
     /// Seconds a Docker client waits for the guest before getting a 503.
     #[arg(long, default_value_t = 5)]
     connect_timeout_secs: u64,
-    /// Seconds the guest has to power off on SIGTERM before the VMM is killed.
-    #[arg(long, default_value_t = 20)]
+    /// Seconds the guest has to power off when a stop names no timeout (and on SIGTERM).
+    #[arg(long, default_value_t = 30)]
     shutdown_timeout_secs: u64,
     /// Start a new session (no controlling terminal), as `berth start` does.
     #[arg(long)]
     detach: bool,
+    /// Do not boot the VM at launch: wait for `POST /v1/start`.
+    #[arg(long)]
+    no_start: bool,
 }
 
 fn main() -> ExitCode {
@@ -57,28 +43,11 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let line = one_line(&e);
-            tracing::error!("{line}");
-            eprintln!("berth-host-proxy: {line}");
+            tracing::error!("{e:#}");
+            eprintln!("berth-host-proxy: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, leaving out a cause whose text is already there (our
-/// errors quote their source).
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
 }
 
 fn run(args: Args) -> anyhow::Result<u8> {
@@ -94,17 +63,9 @@ fn run(args: Args) -> anyhow::Result<u8> {
     init_logging(&layout)?;
     let config = Config {
         layout,
-        settings: VmSettings {
-            vmm: args.vmm,
-            kernel: args.kernel,
-            rootfs: args.rootfs,
-            cpus: args.cpus,
-            memory_mib: args.memory_mib,
-            disk_size_gib: args.disk_size_gib,
-            cmdline_extra: args.cmdline_extra,
-        },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        start: !args.no_start,
     };
     tracing::info!(
         "host proxy {} starting (pid {})",

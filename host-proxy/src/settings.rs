@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Kernel command line every Berth guest gets; `VmSettings::cmdline_extra` is appended.
-pub const BASE_CMDLINE: &str = "root=/dev/vda ro rootfstype=ext4 berth.data=/dev/vdb";
+pub const BASE_CMDLINE: &str = "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSettings {
@@ -31,5 +31,16 @@ impl VmSettings {
         } else {
             format!("{BASE_CMDLINE} {extra}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_finds_the_data_disk_by_the_serial_the_host_gives_it() {
+        let wanted = format!("berth.data=serial:{}", berth_machine::DATA_DISK_SERIAL);
+        assert!(BASE_CMDLINE.ends_with(&wanted), "{BASE_CMDLINE}");
     }
 }

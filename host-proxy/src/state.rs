@@ -10,19 +10,22 @@ use crate::settings::VmSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a Berth state file: {source}")]
+    #[error("{} is not a Berth state file", path.display())]
     Parse {
         path: PathBuf,
+        #[source]
         source: serde_json::Error,
     },
 }

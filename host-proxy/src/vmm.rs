@@ -1,48 +1,116 @@
-//! The `berth-vmm` child: its command line, and what its exit status means.
+//! The `berth-vmm` child: the machine description it boots (`run/vm.json`), starting it, what
+//! its exit status means, and the client side of its API socket (`run/vmm.sock`).
 
-use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use berth_machine::{
+    DeviceConfig, DiskConfig, VmConfig, VmmExit, VmmRequest, VmmResponse, VsockConfig,
+    DATA_DISK_SERIAL, GUEST_CID, MAX_MESSAGE, ROOT_DISK_SERIAL,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::layout::Layout;
 use crate::settings::VmSettings;
 
-/// The VMM's arguments for `settings` in `layout`.
-pub fn args(settings: &VmSettings, layout: &Layout) -> Vec<OsString> {
-    let mut rootfs = settings.rootfs.clone().into_os_string();
-    rootfs.push(",ro");
-    vec![
-        "--kernel".into(),
-        settings.kernel.clone().into(),
-        "--cpus".into(),
-        settings.cpus.to_string().into(),
-        "--memory".into(),
-        settings.memory_mib.to_string().into(),
-        "--disk".into(),
-        rootfs,
-        "--disk".into(),
-        layout.data_disk().into(),
-        "--vsock".into(),
-        layout.vsock_socket().into(),
-        "--serial-log".into(),
-        layout.console_log().into(),
-        "--cmdline".into(),
-        settings.cmdline().into(),
-    ]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the settings do not make a machine the VMM boots")]
+    Describe(#[source] berth_machine::Error),
+    #[error("cannot write {}", path.display())]
+    WriteConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VMM {}", path.display())]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach the VMM's API socket {}", path.display())]
+    ApiConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM's API socket")]
+    ApiIo(#[source] std::io::Error),
+    #[error("the VMM's API socket did not answer within {0:?}")]
+    ApiTimeout(Duration),
+    #[error("the VMM's API socket closed without answering")]
+    ApiClosed,
+    #[error("the VMM's API socket answered with something else than JSON")]
+    ApiDecode(#[source] serde_json::Error),
+    #[error("the VMM refused {request}: {answer:?}")]
+    ApiRefused {
+        request: &'static str,
+        answer: VmmResponse,
+    },
 }
 
-/// Starts the VMM; its stdout and stderr lines go to our log. It is killed if the handle drops.
-pub fn spawn(settings: &VmSettings, layout: &Layout) -> std::io::Result<Child> {
-    let mut child = Command::new(&settings.vmm)
-        .args(args(settings, layout))
+/// The machine `settings` describe, with its files in `layout`.
+pub fn vm_config(settings: &VmSettings, layout: &Layout) -> VmConfig {
+    VmConfig {
+        cpus: settings.cpus,
+        memory_mib: settings.memory_mib,
+        kernel: settings.kernel.clone(),
+        cmdline: settings.cmdline(),
+        devices: vec![
+            DeviceConfig::Disk(DiskConfig {
+                path: settings.rootfs.clone(),
+                read_only: true,
+                serial: Some(ROOT_DISK_SERIAL.into()),
+            }),
+            DeviceConfig::Disk(DiskConfig {
+                path: layout.data_disk(),
+                read_only: false,
+                serial: Some(DATA_DISK_SERIAL.into()),
+            }),
+            DeviceConfig::Rng,
+            DeviceConfig::Vsock(VsockConfig {
+                cid: GUEST_CID,
+                socket: layout.vsock_socket(),
+            }),
+        ],
+        serial_log: Some(layout.console_log()),
+        console: false,
+        api_socket: Some(layout.vmm_api_socket()),
+    }
+}
+
+/// Writes `config` to `layout.vm_config()` so that a reader sees the old file or the new one.
+pub fn write_config(config: &VmConfig, layout: &Layout) -> Result<PathBuf, Error> {
+    let path = layout.vm_config();
+    config.check().map_err(Error::Describe)?;
+    let json = config.to_json().map_err(Error::Describe)?;
+    crate::state::write_atomic(&path, json.as_bytes()).map_err(|source| Error::WriteConfig {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Starts `vmm --config <config>`; its stdout and stderr lines go to our log. It is killed if
+/// the handle drops.
+pub fn spawn(vmm: &Path, config: &Path) -> Result<Child, Error> {
+    let mut child = Command::new(vmm)
+        .arg("--config")
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn()?;
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            path: vmm.into(),
+            source,
+        })?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(log_lines(out));
     }
@@ -62,19 +130,89 @@ async fn log_lines(from: impl tokio::io::AsyncRead + Unpin) {
     }
 }
 
-/// What a VMM exit status says about the guest.
-pub fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(0), _) => "the guest powered off".into(),
-        (Some(2), _) => "the guest rebooted".into(),
-        (Some(3), _) => "the guest kernel panicked (see console.log)".into(),
-        (Some(4), _) => {
-            "the guest crashed (a triple fault; the VMM's line above has its registers)".into()
+/// How a VMM process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// One of the statuses the VMM uses.
+    Known(VmmExit),
+    /// A status the VMM never uses.
+    Unexpected(i32),
+    /// Killed by a signal (our SIGKILL, the OOM killer, a user).
+    Signal(i32),
+}
+
+impl Exit {
+    pub fn from_status(status: ExitStatus) -> Exit {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => VmmExit::from_code(code).map_or(Exit::Unexpected(code), Exit::Known),
+            (None, Some(sig)) => Exit::Signal(sig),
+            (None, None) => Exit::Unexpected(-1),
         }
-        (Some(1), _) => "the VMM failed (its error is logged above)".into(),
-        (Some(code), _) => format!("the VMM exited with unexpected status {code}"),
-        (None, Some(sig)) => format!("the VMM was killed by signal {sig}"),
-        (None, None) => "the VMM exited".into(),
+    }
+
+    /// What happened, in words (the log's "VMM exited: ..." line and the state's reason).
+    pub fn describe(self) -> String {
+        match self {
+            Exit::Known(exit) => exit.describe().into(),
+            Exit::Unexpected(code) => format!("the VMM exited with unexpected status {code}"),
+            Exit::Signal(sig) => format!("the VMM was killed by signal {sig}"),
+        }
+    }
+
+    /// Whether the VM ended by failure rather than by a power-off or a stop.
+    pub fn is_crash(self) -> bool {
+        match self {
+            Exit::Known(exit) => exit.is_crash(),
+            Exit::Unexpected(_) | Exit::Signal(_) => true,
+        }
+    }
+}
+
+/// Sends one request on the VMM's API socket and reads its answer, within `timeout`.
+pub async fn api_request(
+    socket: &Path,
+    request: &VmmRequest,
+    timeout: Duration,
+) -> Result<VmmResponse, Error> {
+    let exchange = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| Error::ApiConnect {
+                path: socket.into(),
+                source,
+            })?;
+        let mut stream = BufReader::new(stream);
+        let mut line = serde_json::to_vec(request).map_err(Error::ApiDecode)?;
+        line.push(b'\n');
+        stream
+            .get_mut()
+            .write_all(&line)
+            .await
+            .map_err(Error::ApiIo)?;
+        let mut answer = Vec::new();
+        (&mut stream)
+            .take(MAX_MESSAGE as u64 + 1)
+            .read_until(b'\n', &mut answer)
+            .await
+            .map_err(Error::ApiIo)?;
+        if answer.last() != Some(&b'\n') {
+            return Err(Error::ApiClosed);
+        }
+        serde_json::from_slice(&answer).map_err(Error::ApiDecode)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(Error::ApiTimeout(timeout)))
+}
+
+/// Asks the VMM for its orderly stop (it flushes the disks and exits with `VmmExit::Stopped`).
+pub async fn api_stop(socket: &Path, timeout: Duration) -> Result<(), Error> {
+    match api_request(socket, &VmmRequest::Stop, timeout).await? {
+        VmmResponse::Ack => Ok(()),
+        answer => Err(Error::ApiRefused {
+            request: "stop",
+            answer,
+        }),
     }
 }
 
@@ -83,7 +221,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rootfs_is_read_only_and_data_disk_second() {
+    fn the_root_image_is_read_only_first_and_the_data_disk_has_its_serial() {
         let layout = Layout::new("/h");
         let settings = VmSettings {
             vmm: "/bin/berth-vmm".into(),
@@ -94,30 +232,46 @@ mod tests {
             disk_size_gib: 8,
             cmdline_extra: "quiet".into(),
         };
-        let args: Vec<String> = args(&settings, &layout)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let config = vm_config(&settings, &layout);
+        config.check().unwrap();
         assert_eq!(
-            args.join(" "),
-            "--kernel /k/bzImage --cpus 2 --memory 1024 --disk /r/rootfs.ext4,ro \
-             --disk /h/data.img --vsock /h/run/vsock.sock --serial-log /h/logs/console.log \
-             --cmdline root=/dev/vda ro rootfstype=ext4 berth.data=/dev/vdb quiet"
+            config.cmdline,
+            "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data quiet"
+        );
+        let disks: Vec<_> = config.disks().collect();
+        assert_eq!(disks[0].path, Path::new("/r/rootfs.ext4"));
+        assert!(disks[0].read_only);
+        assert_eq!(disks[0].serial.as_deref(), Some(ROOT_DISK_SERIAL));
+        assert_eq!(disks[1].path, Path::new("/h/data.img"));
+        assert!(!disks[1].read_only);
+        assert_eq!(disks[1].serial.as_deref(), Some(DATA_DISK_SERIAL));
+        assert!(config.devices.contains(&DeviceConfig::Rng));
+        assert_eq!(config.vsock_socket(), Some(Path::new("/h/run/vsock.sock")));
+        assert_eq!(
+            config.api_socket.as_deref(),
+            Some(Path::new("/h/run/vmm.sock"))
+        );
+        assert_eq!(
+            config.serial_log.as_deref(),
+            Some(Path::new("/h/logs/console.log"))
         );
     }
 
     #[test]
     fn exit_statuses_are_named() {
-        assert_eq!(
-            describe_exit(ExitStatus::from_raw(0)),
-            "the guest powered off"
+        let exit = |raw| Exit::from_status(ExitStatus::from_raw(raw));
+        assert_eq!(exit(0).describe(), "the guest powered off");
+        assert!(!exit(0).is_crash());
+        assert_eq!(exit(2 << 8).describe(), "the guest rebooted");
+        assert!(exit(3 << 8).describe().contains("panicked"));
+        assert!(exit(3 << 8).is_crash());
+        assert!(exit(4 << 8).describe().contains("triple fault"));
+        assert!(
+            !exit(5 << 8).is_crash(),
+            "a stop through the API is no crash"
         );
-        assert_eq!(
-            describe_exit(ExitStatus::from_raw(2 << 8)),
-            "the guest rebooted"
-        );
-        assert!(describe_exit(ExitStatus::from_raw(3 << 8)).contains("panicked"));
-        assert!(describe_exit(ExitStatus::from_raw(4 << 8)).contains("triple fault"));
-        assert!(describe_exit(ExitStatus::from_raw(9)).contains("signal 9"));
+        assert!(exit(9).describe().contains("signal 9"));
+        assert!(exit(9).is_crash());
+        assert!(exit(77 << 8).describe().contains("unexpected status 77"));
     }
 }

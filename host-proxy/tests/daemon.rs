@@ -1,195 +1,40 @@
-//! The `berth-host-proxy` binary against a fake VMM: this test executable re-run through a
-//! small script (so that it takes the VMM's arguments), speaking the hybrid vsock convention
-//! with a fake guest agent behind it. Covers the lock, the state files, the Docker socket, the
-//! shutdown over the control channel on SIGTERM, and passing on the VMM's exit status.
+//! The `berth-host-proxy` binary's lifecycle against the fake VMM (`examples/fake_vmm.rs`): the
+//! lock, the files it writes (run/vm.json, the pid, the data disk), the Docker socket, the stop
+//! sequence on SIGTERM (the guest's power-off, the VMM API's stop, the kill), a crash that
+//! leaves the daemon serving, and the clean-up when it quits.
 #![allow(clippy::unwrap_used)] // test helpers panic on purpose
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use berth_protocol::{
-    read_frame, write_frame, write_shell_frame, Request, Response, ShellFrame, ShellRequest,
-};
-
-const MODE_ENV: &str = "BERTH_FAKE_VMM_MODE";
-const ARGS_ENV: &str = "BERTH_FAKE_VMM_ARGS";
-
-/// Not a test: the fake VMM's body, run when this executable is started as the VMM.
-#[test]
-fn fake_vmm() {
-    let Ok(args) = std::env::var(ARGS_ENV) else {
-        return;
-    };
-    let args: Vec<&str> = args.split(' ').collect();
-    let value = |flag: &str| {
-        let i = args.iter().position(|a| *a == flag).unwrap();
-        PathBuf::from(args[i + 1])
-    };
-    let (vsock, console) = (value("--vsock"), value("--serial-log"));
-    std::fs::write(&console, "fake kernel booting\n").unwrap();
-    if std::env::var(MODE_ENV).as_deref() == Ok("panic") {
-        std::thread::sleep(Duration::from_millis(300));
-        std::fs::write(&console, "Kernel panic - not syncing: fake\n").unwrap();
-        std::process::exit(3);
-    }
-    let _ = std::fs::remove_file(&vsock); // as the real VMM does with a stale socket
-    let listener = UnixListener::bind(&vsock).unwrap();
-    for stream in listener.incoming() {
-        let stream = stream.unwrap();
-        std::thread::spawn(move || fake_guest(stream));
-    }
-}
-
-fn fake_guest(stream: UnixStream) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut stream = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let port: u32 = line
-        .trim()
-        .strip_prefix("CONNECT ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deaf = std::env::var(MODE_ENV).as_deref() == Ok("deaf");
-    if deaf && port == berth_protocol::CONTROL_PORT {
-        return; // an agent that is not up: the VMM closes without OK
-    }
-    stream.write_all(b"OK 1073741824\n").unwrap();
-    match port {
-        berth_protocol::DOCKER_API_PORT => {
-            // Reads the request head, answers one ping and closes.
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
-                    break;
-                }
-            }
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
-                .unwrap();
-        }
-        berth_protocol::CONTROL_PORT => {
-            let request: Request = read_frame(&mut reader).unwrap().unwrap();
-            match request {
-                Request::Shutdown { .. } => {
-                    write_frame(&mut stream, &Response::Ack).unwrap();
-                    std::thread::sleep(Duration::from_millis(100));
-                    std::process::exit(0); // powered off
-                }
-                other => {
-                    let answer = Response::Error {
-                        message: format!("fake guest: {other:?}"),
-                    };
-                    write_frame(&mut stream, &answer).unwrap();
-                }
-            }
-        }
-        berth_protocol::SHELL_PORT => {
-            let shell: ShellRequest = read_frame(&mut reader).unwrap().unwrap();
-            let ran = format!("ran {}\n", shell.command.join(" "));
-            write_shell_frame(&mut stream, &ShellFrame::Stdout(ran.into_bytes())).unwrap();
-            write_shell_frame(&mut stream, &ShellFrame::Exit(0)).unwrap();
-        }
-        _ => {}
-    }
-}
-
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Home {
-        let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("fake-vmm.sh");
-        let exe = std::env::current_exe().unwrap();
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\n{ARGS_ENV}=\"$*\" exec '{}' --exact fake_vmm --nocapture --test-threads 1 -q\n",
-                exe.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::write(dir.path().join("vmlinux"), b"kernel").unwrap();
-        std::fs::write(dir.path().join("rootfs.img"), b"rootfs").unwrap();
-        Home { dir }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn host_proxy(&self, mode: &str) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-host-proxy"));
-        cmd.arg("--home")
-            .arg(self.path("home"))
-            .arg("--vmm")
-            .arg(self.path("fake-vmm.sh"))
-            .arg("--kernel")
-            .arg(self.path("vmlinux"))
-            .arg("--rootfs")
-            .arg(self.path("rootfs.img"))
-            .args(["--cpus", "1", "--memory-mib", "256", "--disk-size-gib", "1"])
-            .args(["--shutdown-timeout-secs", "10"])
-            .env(MODE_ENV, mode)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("home/logs/host-proxy.log")).unwrap_or_default()
-    }
-}
-
-fn ping(socket: &Path) -> Option<String> {
-    let mut s = UnixStream::connect(socket).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the host proxy did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use berth_host_proxy::lock::{self, Status};
+use common::{docker_ping, get, post, Home};
+use rustix::process::Signal;
 
 #[test]
 fn serves_docker_refuses_a_second_instance_and_shuts_the_guest_down_on_sigterm() {
     let home = Home::new();
-    let mut proxy = home.host_proxy("normal").spawn().unwrap();
+    let mut proxy = home.spawn("normal", &[]);
     let socket = home.path("home/run/docker.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let response = loop {
-        match ping(&socket) {
+        match docker_ping(&socket) {
             Some(r) if r.starts_with("HTTP/1.1 200") => break r,
             _ if Instant::now() > deadline => panic!("no ping; log:\n{}", home.log()),
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     };
     assert!(response.ends_with("OK"), "{response}");
-    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "the Docker socket is owner-only");
+    for owner_only in ["run/docker.sock", "run/berth.sock"] {
+        let mode = std::fs::metadata(home.path(&format!("home/{owner_only}")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{owner_only} is owner-only");
+    }
 
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(home.path("home/run/state.json")).unwrap()).unwrap();
@@ -206,76 +51,195 @@ fn serves_docker_refuses_a_second_instance_and_shuts_the_guest_down_on_sigterm()
     let second = home.host_proxy("normal").output().unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains("already running (pid"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(
-        ping(&socket).is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        docker_ping(&socket).is_some_and(|r| r.starts_with("HTTP/1.1 200")),
         "the first one still serves"
     );
 
-    let pid = rustix::process::Pid::from_raw(proxy.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let status = wait_exit(&mut proxy, Duration::from_secs(20));
+    proxy.signal(Signal::TERM);
+    let status = proxy.wait_exit(Duration::from_secs(20));
     let log = home.log();
     assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(log.contains("quitting on SIGTERM"), "{log}");
     assert!(log.contains("acknowledged the shutdown request"), "{log}");
-    assert!(log.contains("the guest powered off"), "{log}");
-    for gone in ["run/docker.sock", "run/state.json", "run/berth.pid"] {
+    assert!(log.contains("VMM exited: the guest powered off"), "{log}");
+    assert_gone(&home);
+}
+
+/// After a quit: no sockets, no pid or state file, the lock free.
+fn assert_gone(home: &Home) {
+    for gone in [
+        "run/docker.sock",
+        "run/berth.sock",
+        "run/vsock.sock",
+        "run/vmm.sock",
+        "run/state.json",
+        "run/berth.pid",
+    ] {
         assert!(
             !home.path(&format!("home/{gone}")).exists(),
             "{gone} is left behind"
         );
     }
+    assert_eq!(lock::probe(&home.layout()).unwrap(), Status::Stopped);
 }
 
 #[test]
-fn a_guest_that_cannot_be_asked_to_shut_down_is_killed_on_sigterm() {
+fn the_machine_description_is_written_for_the_vmm() {
     let home = Home::new();
-    let mut proxy = home.host_proxy("deaf").spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !home.path("home/run/state.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no state file; log:\n{}",
-            home.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home.path("home/run/state.json")).unwrap()).unwrap();
-    let vmm_pid = state["vmm_pid"].as_u64().unwrap() as i32;
-    let pid = rustix::process::Pid::from_raw(proxy.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let status = wait_exit(&mut proxy, Duration::from_secs(20));
+    let mut proxy = home.spawn("normal", &[]);
+    home.wait_state("running");
+    let json = std::fs::read(home.path("home/run/vm.json")).unwrap();
+    let config = berth_machine::VmConfig::from_json(&json).unwrap();
+    assert_eq!((config.cpus, config.memory_mib), (1, 256));
+    assert_eq!(config.kernel, home.path("vmlinux"));
+    assert_eq!(
+        config.cmdline,
+        "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data"
+    );
+    let disks: Vec<_> = config.disks().collect();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0].path, home.path("rootfs.img"));
+    assert!(disks[0].read_only);
+    assert_eq!(disks[0].serial.as_deref(), Some("berth-root"));
+    assert_eq!(disks[1].path, home.path("home/data.img"));
+    assert!(!disks[1].read_only);
+    assert_eq!(disks[1].serial.as_deref(), Some("berth-data"));
+    assert!(config.devices.contains(&berth_machine::DeviceConfig::Rng));
+    assert_eq!(
+        config.vsock_socket(),
+        Some(home.path("home/run/vsock.sock").as_path())
+    );
+    assert_eq!(config.api_socket, Some(home.path("home/run/vmm.sock")));
+    assert_eq!(config.serial_log, Some(home.path("home/logs/console.log")));
+    // The VMM's own output reaches our log.
+    assert!(home.log().contains("fake VMM: 1 vCPUs, 256 MiB, 2 disks"));
+    proxy.signal(Signal::INT);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn a_guest_that_cannot_be_asked_to_shut_down_is_stopped_through_the_vmm_api() {
+    let home = Home::new();
+    let mut proxy = home.spawn("deaf", &[]);
+    home.wait_state("starting");
+    wait_file(&home.path("home/run/vmm.sock"), &home);
+    proxy.signal(Signal::TERM);
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    let log = home.log();
+    assert_eq!(status.code(), Some(0), "an orderly stop; log:\n{log}");
+    assert!(log.contains("cannot ask the guest to shut down"), "{log}");
+    assert!(log.contains("asking the VMM to stop"), "{log}");
+    assert!(
+        log.contains("VMM exited: the VM was stopped by the host"),
+        "{log}"
+    );
+    assert!(!log.contains("killing the VMM"), "{log}");
+    assert_gone(&home);
+}
+
+#[test]
+fn a_vmm_that_ignores_every_stop_is_killed() {
+    let home = Home::new();
+    let mut proxy = home.spawn("deaf,stuck-api", &[]);
+    let status = home.wait_state("starting");
+    wait_file(&home.path("home/run/vmm.sock"), &home);
+    let vmm_pid = status["vmm_pid"].as_u64().unwrap() as i32;
+    proxy.signal(Signal::TERM);
+    let status = proxy.wait_exit(Duration::from_secs(40));
     let log = home.log();
     assert_eq!(
         status.code(),
         Some(1),
         "a forced stop is not a clean one; log:\n{log}"
     );
-    assert!(log.contains("cannot ask the guest to shut down"), "{log}");
+    assert!(log.contains("the VMM did not stop within"), "{log}");
     assert!(log.contains("killed by signal 9"), "{log}");
     let vmm = rustix::process::Pid::from_raw(vmm_pid).unwrap();
     assert!(
         rustix::process::test_kill_process(vmm).is_err(),
         "the VMM must not outlive the host proxy"
     );
-    assert!(!home.path("home/run/vsock.sock").exists());
+    assert_gone(&home);
 }
 
 #[test]
-fn exits_with_the_vmms_status_and_cleans_up_when_the_guest_panics() {
+fn a_crash_is_reported_with_its_reason_and_the_daemon_keeps_serving() {
     let home = Home::new();
-    let mut proxy = home.host_proxy("panic").spawn().unwrap();
-    let status = wait_exit(&mut proxy, Duration::from_secs(20));
+    let mut proxy = home.spawn("panic", &[]);
+    let status = home.wait_state("crashed");
+    let reason = status["reason"].as_str().unwrap();
+    assert_eq!(reason, "the guest kernel panicked (see console.log)");
+    assert_eq!(status["vmm_pid"], serde_json::Value::Null);
+    assert_eq!(status["uptime_secs"], serde_json::Value::Null);
     let log = home.log();
-    assert_eq!(status.code(), Some(3), "log:\n{log}");
-    assert!(log.contains("panicked"), "{log}");
-    assert!(!home.path("home/run/docker.sock").exists());
-    assert!(!home.path("home/run/berth.pid").exists());
-    // The next start is not blocked by anything the first one left.
-    let mut again = home.host_proxy("panic").spawn().unwrap();
-    assert_eq!(
-        wait_exit(&mut again, Duration::from_secs(20)).code(),
-        Some(3)
+    // tests/e2e/berth-home.sh greps this line.
+    assert!(
+        log.contains("VMM exited: the guest kernel panicked"),
+        "{log}"
     );
+
+    let response = docker_ping(&home.path("home/run/docker.sock")).unwrap();
+    assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+    assert!(response.contains("Berth VM is not running"), "{response}");
+    assert!(!home.path("home/run/vsock.sock").exists());
+
+    // crashed -> starting on a start, and it crashes again.
+    let started = post(&home.control(), "/v1/start", "");
+    assert_eq!(started.status, 202, "{started:?}");
+    assert_eq!(started.json()["state"], "starting");
+    home.wait_state("crashed");
+    assert_eq!(
+        get(&home.control(), "/v1/status").json()["state"],
+        "crashed"
+    );
+
+    let quit = post(&home.control(), "/v1/quit", "");
+    assert_eq!(quit.status, 202, "{quit:?}");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert_gone(&home);
+}
+
+#[test]
+fn a_start_that_cannot_happen_says_why_and_the_daemon_stays() {
+    let home = Home::new();
+    std::fs::write(home.path("config.toml"), "cpus = 0\n").unwrap();
+    let mut proxy = home.spawn("normal", &[]);
+    let status = home.wait_state("stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = status;
+    while !status["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("cannot start the VM:")
+    {
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+        status = get(&home.control(), "/v1/status").json();
+    }
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("cannot start the VM: cannot read the settings: ")
+            && reason.ends_with("config.toml: cpus must be between 1 and 255, not 0"),
+        "{reason}"
+    );
+    // The daemon still answers, and a start says the same again.
+    assert_eq!(post(&home.control(), "/v1/start", "").status, 202);
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+fn wait_file(path: &Path, home: &Home) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no {}; log:\n{}",
+            path.display(),
+            home.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

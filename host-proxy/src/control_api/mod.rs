@@ -4,3 +4,4 @@
 //! every endpoint.
 
 pub mod model;
+pub mod server;

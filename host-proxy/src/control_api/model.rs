@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSION: u32 = 1;
 /// The path prefix of this version.
 pub const PREFIX: &str = "/v1";
+/// The `Upgrade` protocol of `POST /v1/shell` (with `Connection: Upgrade`).
+pub const SHELL_UPGRADE: &str = "berth-shell";
 
 /// Where the VM is in its life. Transitions: stopped -> starting -> running -> stopping ->
 /// stopped; starting or running -> crashed (the VMM exited unasked); crashed -> starting.

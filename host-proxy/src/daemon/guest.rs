@@ -1,0 +1,234 @@
+//! The host side of the guest protocol for one VM run: wait for the agent's `Hello` and a
+//! healthy dockerd (`starting` → `running`), then keep a `Subscribe` connection and pass every
+//! pushed `Event` on to the control API's event stream; and the bounded refresh of health and
+//! stats the status asks for.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_protocol::{Event, Request, Response, PROTOCOL_VERSION};
+
+use super::shared::Shared;
+use crate::chain;
+use crate::control::{self, Connection};
+use crate::control_api::model::GuestStats;
+
+/// How often a booting guest is asked whether it is up.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long one probe (connect, `Hello`, `Health`) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a lost event subscription waits before it is opened again.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
+/// The status waits at most this long for the guest's health and stats.
+pub const STATUS_WAIT: Duration = Duration::from_millis(1500);
+/// At most this many guest events are logged per minute (the guest can cause them).
+const EVENT_LOGS_PER_MINUTE: u32 = 30;
+
+/// Follows the guest of `run` until the task is aborted (when the VM stops).
+pub async fn watch(shared: Arc<Shared>, run: u64) {
+    wait_until_running(&shared, run).await;
+    let mut events = RateLimit::new(EVENT_LOGS_PER_MINUTE);
+    // The guest decides how often its stream ends: log a few of those, not every one.
+    let mut ends = RateLimit::new(EVENT_LOGS_PER_MINUTE / 10);
+    loop {
+        let ended = match subscribe(&shared, run, &mut events).await {
+            Ok(Subscription::Unsupported) => {
+                tracing::info!("the guest agent does not push events (an older agent)");
+                return;
+            }
+            Ok(Subscription::Ended) => "the guest agent closed the event stream".to_string(),
+            Err(e) => format!("guest event stream: {}", chain(&e)),
+        };
+        if ends.allow() {
+            tracing::info!("{ended}");
+        }
+        tokio::time::sleep(RESUBSCRIBE).await;
+    }
+}
+
+async fn wait_until_running(shared: &Shared, run: u64) {
+    let mut last_error = String::new();
+    loop {
+        match probe(shared, run).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                let text = chain(&e);
+                if text != last_error {
+                    tracing::debug!("the guest agent is not up yet: {text}");
+                    last_error = text;
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// One `Hello` + `Health` exchange; `true` when dockerd answers.
+async fn probe(shared: &Shared, run: u64) -> Result<bool, control::Error> {
+    let mut connection = hello(shared, run, PROBE_TIMEOUT).await?;
+    let answer = connection.request(&Request::Health, PROBE_TIMEOUT).await?;
+    Ok(record_health(shared, run, &answer))
+}
+
+/// Opens a control connection and records the agent's `Hello`.
+async fn hello(shared: &Shared, run: u64, timeout: Duration) -> Result<Connection, control::Error> {
+    let connection = Connection::open(&shared.vsock(), timeout).await?;
+    let hello = &connection.hello;
+    if shared.record_hello(run, hello) {
+        tracing::info!(
+            "guest agent {} answered Hello: protocol {}, ours {PROTOCOL_VERSION}",
+            hello.agent_version,
+            hello.protocol_version
+        );
+        if hello.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(
+                "the guest agent speaks protocol {}, this host proxy {PROTOCOL_VERSION}: \
+                 requests it does not know are answered as unsupported",
+                hello.protocol_version
+            );
+        }
+    }
+    Ok(connection)
+}
+
+fn record_health(shared: &Shared, run: u64, answer: &Response) -> bool {
+    match answer {
+        Response::Health {
+            dockerd,
+            containerd,
+            detail,
+        } => {
+            shared.record_health(run, *dockerd, *containerd, detail.clone());
+            *dockerd
+        }
+        other => {
+            tracing::warn!(
+                "the guest agent answered Health with {}",
+                control::describe(other)
+            );
+            false
+        }
+    }
+}
+
+enum Subscription {
+    Ended,
+    Unsupported,
+}
+
+async fn subscribe(
+    shared: &Shared,
+    run: u64,
+    limiter: &mut RateLimit,
+) -> Result<Subscription, control::Error> {
+    let mut connection = hello(shared, run, PROBE_TIMEOUT).await?;
+    match connection
+        .request(&Request::Subscribe, PROBE_TIMEOUT)
+        .await?
+    {
+        Response::Ack => {}
+        Response::Unsupported { .. } => return Ok(Subscription::Unsupported),
+        other => {
+            tracing::warn!(
+                "the guest agent answered Subscribe with {}",
+                control::describe(&other)
+            );
+            return Ok(Subscription::Ended);
+        }
+    }
+    let mut stream = connection.into_stream();
+    while let Some(event) = control::read_frame::<_, Event>(&mut stream).await? {
+        if limiter.allow() {
+            tracing::info!("guest event: {event:?}");
+        }
+        shared.guest_event(run, event);
+    }
+    Ok(Subscription::Ended)
+}
+
+/// Asks the guest for its health and stats for the status, within `STATUS_WAIT`; on a timeout
+/// or an error the status shows what the guest last said.
+pub async fn refresh(shared: &Shared) {
+    let Some(run) = shared.guest_run() else {
+        return;
+    };
+    let exchange = async {
+        let mut connection = hello(shared, run, STATUS_WAIT).await?;
+        let health = connection.request(&Request::Health, STATUS_WAIT).await?;
+        record_health(shared, run, &health);
+        let stats = match connection.request(&Request::Stats, STATUS_WAIT).await? {
+            Response::Stats {
+                mem_total_kib,
+                mem_available_kib,
+                disk_total_kib,
+                disk_used_kib,
+                load_avg_1m,
+            } => Some(GuestStats {
+                mem_total_kib,
+                mem_available_kib,
+                disk_total_kib,
+                disk_used_kib,
+                load_avg_1m,
+            }),
+            other => {
+                tracing::info!(
+                    "the guest agent answered Stats with {}",
+                    control::describe(&other)
+                );
+                None
+            }
+        };
+        shared.record_stats(run, stats);
+        Ok::<(), control::Error>(())
+    };
+    match tokio::time::timeout(STATUS_WAIT, exchange).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("status: the guest did not answer: {}", chain(&e)),
+        Err(_) => tracing::debug!("status: the guest did not answer within {STATUS_WAIT:?}"),
+    }
+}
+
+/// Lets through at most `per_minute` events a minute.
+struct RateLimit {
+    per_minute: u32,
+    window: Instant,
+    count: u32,
+}
+
+impl RateLimit {
+    fn new(per_minute: u32) -> Self {
+        RateLimit {
+            per_minute,
+            window: Instant::now(),
+            count: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(60) {
+            if self.count > self.per_minute {
+                tracing::warn!(
+                    "{} guest events were not logged in the last minute",
+                    self.count - self.per_minute
+                );
+            }
+            self.window = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.per_minute
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_lets_a_burst_through_up_to_its_budget() {
+        let mut limit = RateLimit::new(3);
+        let allowed = (0..10).filter(|_| limit.allow()).count();
+        assert_eq!(allowed, 3);
+    }
+}
