@@ -3,15 +3,67 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use berth_host_proxy::VmSettings;
 use serde::{Deserialize, Serialize};
+
+use crate::settings::VmSettings;
 
 /// Environment variable naming the config file (tests use it).
 pub const CONFIG_ENV: &str = "BERTH_CONFIG";
 
 pub const MIN_MEMORY_MIB: u64 = 256;
 pub const KEYS: &str = "cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot find the config directory: set {CONFIG_ENV} to a file path")]
+    NoConfigDir,
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not TOML of the settings; `message` names the field.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    /// A value out of range, an unknown key, a missing artifact: `0` says which and why.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{key}: cannot resolve {value}")]
+    Resolve {
+        key: String,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode the config")]
+    Encode(#[source] toml::ser::Error),
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Returns early with `Error::Invalid` and the formatted message.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        return Err(Error::Invalid(format!($($arg)*)))
+    };
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,57 +145,69 @@ impl Artifact {
 }
 
 /// The config file's path.
-pub fn path() -> anyhow::Result<PathBuf> {
+pub fn path() -> Result<PathBuf, Error> {
     if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
         return Ok(path.into());
     }
     dirs::config_dir()
         .map(|dir| dir.join("berth").join("config.toml"))
-        .context("cannot find the config directory: set BERTH_CONFIG to a file path")
+        .ok_or(Error::NoConfigDir)
 }
 
 impl Config {
     /// The file at `path`, or the defaults when there is none.
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
+    pub fn load(path: &Path) -> Result<Config, Error> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(source) => {
+                return Err(Error::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
         };
-        let config: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?;
-        config
-            .validate()
-            .with_context(|| format!("{}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.into(),
+            message: e.message().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|source| Error::InFile {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
         Ok(config)
     }
 
     /// Writes the file atomically, creating its directory.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+                path: dir.into(),
+                source,
+            })?;
         }
-        let text = toml::to_string(self).context("cannot encode the config")?;
-        berth_host_proxy::state::write_atomic(path, text.as_bytes())
-            .with_context(|| format!("cannot write {}", path.display()))
+        let text = toml::to_string(self).map_err(Error::Encode)?;
+        crate::state::write_atomic(path, text.as_bytes()).map_err(|source| Error::Write {
+            path: path.into(),
+            source,
+        })
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), Error> {
         if !(1..=u64::from(u8::MAX)).contains(&self.cpus) {
-            bail!("cpus must be between 1 and 255, not {}", self.cpus);
+            invalid!("cpus must be between 1 and 255, not {}", self.cpus);
         }
         if self.memory_mib < MIN_MEMORY_MIB {
-            bail!(
+            invalid!(
                 "memory_mib must be at least {MIN_MEMORY_MIB} (dockerd needs it), not {}",
                 self.memory_mib
             );
         }
         if self.disk_size_gib < 1 {
-            bail!("disk_size_gib must be at least 1");
+            invalid!("disk_size_gib must be at least 1");
         }
         if self.disk_size_gib > 1 << 20 {
-            bail!(
+            invalid!(
                 "disk_size_gib {} is beyond any real disk",
                 self.disk_size_gib
             );
@@ -152,12 +216,12 @@ impl Config {
     }
 
     /// Sets `key` to `value` (text as typed on the command line), validating it.
-    pub fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
-        let number = || -> anyhow::Result<u64> {
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        let number = || -> Result<u64, Error> {
             value
                 .trim()
                 .parse::<u64>()
-                .map_err(|_| anyhow::anyhow!("{key} must be a whole number, not {value:?}"))
+                .map_err(|_| Error::Invalid(format!("{key} must be a whole number, not {value:?}")))
         };
         match key {
             "cpus" => self.cpus = number()?,
@@ -167,13 +231,13 @@ impl Config {
             "rootfs" => self.rootfs = Some(existing_file(key, value)?),
             "vmm" => self.vmm = Some(existing_file(key, value)?),
             "cmdline_extra" => self.cmdline_extra = value.trim().to_string(),
-            _ => bail!("unknown setting {key:?}: the settings are {KEYS}"),
+            _ => invalid!("unknown setting {key:?}: the settings are {KEYS}"),
         }
         self.validate()
     }
 
     /// Resets `key` to its default.
-    pub fn unset(&mut self, key: &str) -> anyhow::Result<()> {
+    pub fn unset(&mut self, key: &str) -> Result<(), Error> {
         let default = Config::default();
         match key {
             "cpus" => self.cpus = default.cpus,
@@ -183,7 +247,7 @@ impl Config {
             "rootfs" => self.rootfs = None,
             "vmm" => self.vmm = None,
             "cmdline_extra" => self.cmdline_extra.clear(),
-            _ => bail!("unknown setting {key:?}: the settings are {KEYS}"),
+            _ => invalid!("unknown setting {key:?}: the settings are {KEYS}"),
         }
         Ok(())
     }
@@ -210,10 +274,10 @@ impl Config {
     }
 
     /// The settings to start the VM with; a missing artifact is one clear error.
-    pub fn vm_settings(&self) -> anyhow::Result<VmSettings> {
-        let resolve = |artifact: Artifact| -> anyhow::Result<PathBuf> {
+    pub fn vm_settings(&self) -> Result<VmSettings, Error> {
+        let resolve = |artifact: Artifact| -> Result<PathBuf, Error> {
             let Some((path, from)) = self.artifact(artifact) else {
-                bail!(
+                invalid!(
                     "no {} configured: set {} (`eval \"$(tests/setup.sh)\"` in the Berth repo \
                      builds and exports it) or run `berth config set {} PATH`",
                     artifact.what(),
@@ -222,7 +286,7 @@ impl Config {
                 );
             };
             if !path.is_file() {
-                bail!(
+                invalid!(
                     "the {} {} (from {from}) does not exist",
                     artifact.what(),
                     path.display()
@@ -234,7 +298,8 @@ impl Config {
             vmm: resolve(Artifact::Vmm)?,
             kernel: resolve(Artifact::Kernel)?,
             rootfs: resolve(Artifact::Rootfs)?,
-            cpus: u8::try_from(self.cpus).context("cpus must be between 1 and 255")?,
+            cpus: u8::try_from(self.cpus)
+                .map_err(|_| Error::Invalid("cpus must be between 1 and 255".into()))?,
             memory_mib: self.memory_mib,
             disk_size_gib: self.disk_size_gib,
             cmdline_extra: self.cmdline_extra.clone(),
@@ -242,12 +307,16 @@ impl Config {
     }
 }
 
-fn existing_file(key: &str, value: &str) -> anyhow::Result<PathBuf> {
+fn existing_file(key: &str, value: &str) -> Result<PathBuf, Error> {
     let path = Path::new(value);
     if !path.is_file() {
-        bail!("{key}: {value} is not a file");
+        invalid!("{key}: {value} is not a file");
     }
-    std::fs::canonicalize(path).with_context(|| format!("{key}: cannot resolve {value}"))
+    std::fs::canonicalize(path).map_err(|source| Error::Resolve {
+        key: key.into(),
+        value: value.into(),
+        source,
+    })
 }
 
 /// `name` in the directory of the running executable, if it is there.
@@ -260,6 +329,17 @@ pub fn sibling_executable(name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error and its sources, as the `berth` CLI prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut line = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            line = format!("{line}: {cause}");
+            source = cause.source();
+        }
+        line
+    }
 
     #[test]
     fn a_missing_file_gives_the_defaults_and_a_partial_one_fills_them_in() {
@@ -285,7 +365,7 @@ mod tests {
             ("cpus = = 2\n", ""),
         ] {
             std::fs::write(&path, text).unwrap();
-            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            let err = chain(&Config::load(&path).unwrap_err());
             assert!(err.contains(wanted), "{text:?} gave {err:?}");
             assert!(err.starts_with(&path.display().to_string()), "{err}");
             assert!(!err.contains('\n'), "one line: {err:?}");
