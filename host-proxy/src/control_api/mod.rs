@@ -3,4 +3,5 @@
 //! --unix-socket`. `model` is the JSON both sides speak; `API.md` beside the crate describes
 //! every endpoint.
 
+pub mod client;
 pub mod model;
