@@ -87,7 +87,7 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("stop-vm", "");
     expect("status-stopped", "not running");
     expect("volume-read", "persisted-");
-    expect("status-json", "\"running\": true");
+    expect("status-json", "\"state\": \"running\"");
     expect("final-stop", "");
     expect("stop-again", "not running");
     for step in [
