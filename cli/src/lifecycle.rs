@@ -74,67 +74,40 @@ fn bring_up(args: &StartArgs, restart: Option<StopRequest>) -> anyhow::Result<()
     check_disk_not_shrunk(settings.disk_size_gib)?;
     let runtime = host_proxy::runtime()?;
     let client = host_proxy::client(&layout);
-    let mut stop_wait = Duration::ZERO;
-    let (mut launched, marks, ask) = match lock::probe(&layout)? {
-        Status::Running { pid } => {
-            let status = runtime
-                .block_on(when_up(|| client.status(), None, SOCKET_WAIT))
-                .map_err(Unreachable::into_error)
-                .with_context(|| format!("cannot reach the host proxy{}", pid_suffix(pid)))?;
-            let running = status.state.state == VmState::Running;
-            let ask = match restart {
-                Some(request) if running => {
-                    stop_wait = Duration::from_secs(request.timeout_secs.unwrap_or(30));
-                    Ask::Restart(request)
-                }
-                None if running => {
-                    println!("Berth is already running{}", pid_suffix(Some(status.pid)));
-                    println!("Docker socket: unix://{}", status.sockets.docker.display());
-                    return Ok(());
-                }
-                _ => Ask::Start,
-            };
-            // The host proxy writes its log: it is not moved aside under it.
-            (None, LogMarks::take(&layout, false), ask)
-        }
-        Status::Stopped => {
-            layout.create_dirs()?;
-            let marks = LogMarks::take(&layout, true);
-            (Some(host_proxy::launch(&layout)?), marks, Ask::Start)
-        }
+    let Some(mut plan) = plan(&layout, &runtime, &client, restart)? else {
+        return Ok(());
     };
     println!(
         "Starting Berth: {} vCPUs, {} MiB memory, {} GiB disk",
         settings.cpus, settings.memory_mib, settings.disk_size_gib
     );
     let started = Instant::now();
-    let deadline = started + stop_wait + Duration::from_secs(args.timeout);
+    let deadline = started + plan.stop_wait + Duration::from_secs(args.timeout);
     let socket = layout.docker_socket();
     let outcome = runtime.block_on(async {
-        let outcome = follow(&client, launched.as_mut(), ask, deadline).await?;
+        let outcome = follow(&client, plan.launched.as_mut(), plan.ask, deadline).await?;
         if outcome != Boot::Running {
             return Ok(outcome);
         }
         Ok::<_, anyhow::Error>(docker_answers(&socket, deadline).await)
     })?;
-    match outcome {
-        Boot::Running => {}
-        Boot::Crashed(reason) => {
-            marks.print_tails(&layout);
-            bail!("Berth stopped during start ({reason}): see the log lines above");
-        }
-        Boot::Exited(status) => {
-            marks.print_tails(&layout);
-            bail!("Berth stopped during start (host proxy {status}): see the log lines above");
-        }
-        Boot::TimedOut(last) => {
-            marks.print_tails(&layout);
-            bail!(
-                "Docker did not answer within {} s ({last}); Berth is still starting: see \
-                 `berth logs`, or `berth stop`",
-                args.timeout
-            );
-        }
+    let failure = match outcome {
+        Boot::Running => None,
+        Boot::Crashed(reason) => Some(format!(
+            "Berth stopped during start ({reason}): see the log lines above"
+        )),
+        Boot::Exited(status) => Some(format!(
+            "Berth stopped during start (host proxy {status}): see the log lines above"
+        )),
+        Boot::TimedOut(last) => Some(format!(
+            "Docker did not answer within {} s ({last}); Berth is still starting: see \
+             `berth logs`, or `berth stop`",
+            args.timeout
+        )),
+    };
+    if let Some(failure) = failure {
+        plan.marks.print_tails(&layout);
+        bail!(failure);
     }
     println!(
         "Berth is running (docker ready in {:.1} s)",
@@ -147,6 +120,60 @@ fn bring_up(args: &StartArgs, restart: Option<StopRequest>) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// How a start goes on from here.
+struct Plan {
+    /// The host proxy this start launched.
+    launched: Option<Child>,
+    marks: LogMarks,
+    ask: Ask,
+    /// How long the restart's stop may take before the start's own timeout counts.
+    stop_wait: Duration,
+}
+
+/// Launches the host proxy when none runs; `None` when the VM already runs and this is a
+/// start (said to the user).
+fn plan(
+    layout: &Layout,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    restart: Option<StopRequest>,
+) -> anyhow::Result<Option<Plan>> {
+    let Status::Running { pid } = lock::probe(layout)? else {
+        layout.create_dirs()?;
+        let marks = LogMarks::take(layout, true);
+        return Ok(Some(Plan {
+            launched: Some(host_proxy::launch(layout)?),
+            marks,
+            ask: Ask::Start,
+            stop_wait: Duration::ZERO,
+        }));
+    };
+    let status = runtime
+        .block_on(when_up(|| client.status(), None, SOCKET_WAIT))
+        .map_err(Unreachable::into_error)
+        .with_context(|| format!("cannot reach the host proxy{}", pid_suffix(pid)))?;
+    let running = status.state.state == VmState::Running;
+    let (ask, stop_wait) = match restart {
+        Some(request) if running => {
+            let wait = Duration::from_secs(request.timeout_secs.unwrap_or(30));
+            (Ask::Restart(request), wait)
+        }
+        None if running => {
+            println!("Berth is already running{}", pid_suffix(Some(status.pid)));
+            println!("Docker socket: unix://{}", status.sockets.docker.display());
+            return Ok(None);
+        }
+        _ => (Ask::Start, Duration::ZERO),
+    };
+    Ok(Some(Plan {
+        launched: None,
+        // The host proxy writes its log: it is not moved aside under it.
+        marks: LogMarks::take(layout, false),
+        ask,
+        stop_wait,
+    }))
 }
 
 /// How a start ended.
@@ -196,10 +223,24 @@ async fn follow(
         if Instant::now() >= deadline {
             return Ok(Boot::TimedOut(watch.last));
         }
-        if let Some(outcome) = watch.next(&mut events).await? {
-            return Ok(outcome);
+        match watch.next(&mut events).await? {
+            Some(Boot::Exited(what)) => return Ok(Boot::Exited(exit_status(launched, what).await)),
+            Some(outcome) => return Ok(outcome),
+            None => {}
         }
     }
+}
+
+/// The exit status of the host proxy we launched, when it comes within a second, else `what`.
+async fn exit_status(launched: Option<&mut Child>, what: String) -> String {
+    let Some(child) = launched else { return what };
+    for _ in 0..10 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    what
 }
 
 /// What the event stream said so far.
@@ -254,13 +295,16 @@ async fn docker_answers(socket: &Path, deadline: Instant) -> Boot {
 /// `berth stop`: the host proxy's `quit` (its stop sequence, then it exits); signals only
 /// when it does not answer at all.
 pub fn stop(args: &StopArgs) -> anyhow::Result<()> {
-    let layout = Layout::from_env()?;
-    let Status::Running { pid } = lock::probe(&layout)? else {
+    stop_in(&Layout::from_env()?, args)
+}
+
+fn stop_in(layout: &Layout, args: &StopArgs) -> anyhow::Result<()> {
+    let Status::Running { pid } = lock::probe(layout)? else {
         println!("Berth is not running");
         return Ok(());
     };
     let started = Instant::now();
-    let client = host_proxy::client(&layout);
+    let client = host_proxy::client(layout);
     let request = StopRequest {
         timeout_secs: Some(args.timeout),
     };
@@ -269,7 +313,7 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<()> {
     match asked {
         Ok(_) => {
             let wait = Duration::from_secs(args.timeout) + QUIT_GRACE;
-            if wait_stopped(&layout, wait)? {
+            if wait_stopped(layout, wait)? {
                 println!("Berth stopped ({:.1} s)", started.elapsed().as_secs_f64());
                 return Ok(());
             }
@@ -290,13 +334,13 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<()> {
         .or_else(|| lock::read_pid(&layout.pid_file()))
         .context("Berth is starting (it has no pid file yet): try again in a moment")?;
     signal(pid, Signal::TERM)?;
-    if wait_stopped(&layout, SIGTERM_GRACE)? {
+    if wait_stopped(layout, SIGTERM_GRACE)? {
         println!("Berth stopped ({:.1} s)", started.elapsed().as_secs_f64());
         return Ok(());
     }
     println!("The host proxy did not exit: killing it");
     signal(pid, Signal::KILL)?;
-    if wait_stopped(&layout, Duration::from_secs(5))? {
+    if wait_stopped(layout, Duration::from_secs(5))? {
         println!("Berth killed ({:.1} s)", started.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -409,7 +453,214 @@ pub fn tail_since(path: &Path, mark: u64, lines: usize) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use berth_host_proxy::control_api::model::StateChange;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+
     use super::*;
+
+    fn line(state: VmState, reason: &str) -> String {
+        let event = ApiEvent::State(StateChange {
+            state,
+            reason: Some(reason.into()),
+            since_ms: 1,
+        });
+        serde_json::to_string(&event).unwrap() + "\n"
+    }
+
+    /// A host proxy's control API as far as a start needs it: `/v1/events` sends `events` (the
+    /// first at once, the others 50 ms apart, then ends unless `hold`), `/v1/start` and
+    /// `/v1/restart` answer `accepted`.
+    fn fake_api(events: Vec<String>, accepted: VmState, hold: bool) -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("berth.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let mut head = vec![0u8; 4096];
+                    let n = stream.read(&mut head).await.unwrap();
+                    let head = String::from_utf8_lossy(&head[..n]).to_string();
+                    if head.starts_with("GET /v1/events ") {
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for event in events {
+                            let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                            stream.write_all(chunk.as_bytes()).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if hold {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
+                        let _ = stream.write_all(b"0\r\n\r\n").await;
+                    } else {
+                        let body = serde_json::to_string(&Accepted {
+                            state: StateChange {
+                                state: accepted,
+                                reason: None,
+                                since_ms: 1,
+                            },
+                        })
+                        .unwrap();
+                        let answer = format!(
+                            "HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        stream.write_all(answer.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (dir, Client::new(socket))
+    }
+
+    async fn start_with(events: Vec<String>, ask: Ask, accepted: VmState) -> Boot {
+        let (_dir, client) = fake_api(events, accepted, true);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        follow(&client, None, ask, deadline).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_start_follows_the_events_until_the_vm_runs() {
+        let events = vec![
+            line(VmState::Stopped, "not started"),
+            line(VmState::Starting, "booting"),
+            line(VmState::Running, "dockerd answers"),
+        ];
+        let boot = start_with(events, Ask::Start, VmState::Starting).await;
+        assert_eq!(boot, Boot::Running);
+    }
+
+    #[tokio::test]
+    async fn a_crash_during_start_is_told_with_its_reason_but_an_earlier_one_is_not() {
+        let events = vec![
+            line(VmState::Crashed, "the previous run's crash"),
+            line(VmState::Starting, "booting"),
+            line(
+                VmState::Crashed,
+                "the guest kernel panicked (see console.log)",
+            ),
+        ];
+        let boot = start_with(events, Ask::Start, VmState::Starting).await;
+        assert_eq!(
+            boot,
+            Boot::Crashed("the guest kernel panicked (see console.log)".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_passes_through_stopped_to_running() {
+        let events = vec![
+            line(VmState::Running, "dockerd answers"),
+            line(VmState::Stopping, "restart requested"),
+            line(VmState::Stopped, "stopped by request"),
+            line(VmState::Starting, "booting"),
+            line(VmState::Running, "dockerd answers"),
+        ];
+        let ask = Ask::Restart(StopRequest::default());
+        let boot = start_with(events, ask, VmState::Stopping).await;
+        assert_eq!(boot, Boot::Running);
+    }
+
+    #[tokio::test]
+    async fn a_start_that_does_not_finish_in_time_says_where_it_was() {
+        let events = vec![
+            line(VmState::Stopped, "not started"),
+            line(VmState::Starting, "waiting for dockerd"),
+        ];
+        let boot = start_with(events, Ask::Start, VmState::Starting).await;
+        assert_eq!(boot, Boot::TimedOut("waiting for dockerd".into()));
+    }
+
+    #[tokio::test]
+    async fn a_host_proxy_that_goes_during_start_ends_it() {
+        let events = vec![
+            line(VmState::Stopped, "not started"),
+            line(VmState::Starting, "booting"),
+        ];
+        let (_dir, client) = fake_api(events, VmState::Starting, false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let boot = follow(&client, None, Ask::Start, deadline).await.unwrap();
+        assert_eq!(boot, Boot::Exited("closed its control socket".into()));
+    }
+
+    /// A host proxy holding `layout`'s lock whose control socket answers one request with
+    /// `answer`, then lets the lock go when `quits`; the request, and the process whose pid it
+    /// recorded.
+    fn host_proxy_answering(
+        layout: &Layout,
+        answer: &'static str,
+        quits: bool,
+    ) -> (std::thread::JoinHandle<String>, std::process::Child) {
+        use std::io::{Read, Write};
+        layout.create_dirs().unwrap();
+        let lock = lock::InstanceLock::acquire(layout, Duration::ZERO).unwrap();
+        // Should the CLI fall back to signals, they reach a stand-in, not the tests.
+        let stand_in = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        lock.write_pid(layout, stand_in.id()).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(host_proxy::control_socket(layout)).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = vec![0u8; 4096];
+            let n = stream.read(&mut head).unwrap();
+            stream.write_all(answer.as_bytes()).unwrap();
+            if quits {
+                drop(lock);
+            } else {
+                std::mem::forget(lock);
+            }
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        });
+        (server, stand_in)
+    }
+
+    #[test]
+    fn stop_asks_the_host_proxy_to_quit_and_waits_for_it_to_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let accepted = "HTTP/1.1 202 Accepted\r\ncontent-length: 47\r\n\r\n\
+                        {\"state\":\"stopping\",\"reason\":null,\"since_ms\":1}";
+        let (server, mut stand_in) = host_proxy_answering(&layout, accepted, true);
+        stop_in(&layout, &StopArgs { timeout: 3 }).unwrap();
+        let request = server.join().unwrap();
+        assert!(request.starts_with("POST /v1/quit "), "{request}");
+        assert!(request.ends_with(r#"{"timeout_secs":3}"#), "{request}");
+        assert_eq!(lock::probe(&layout).unwrap(), Status::Stopped);
+        // No signal was needed.
+        assert!(stand_in.try_wait().unwrap().is_none());
+        stand_in.kill().unwrap();
+        stand_in.wait().unwrap();
+    }
+
+    #[test]
+    fn a_refused_stop_is_the_host_proxys_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let conflict = "HTTP/1.1 409 Conflict\r\ncontent-length: 49\r\n\r\n\
+                        {\"code\":\"conflict\",\"message\":\"Berth is starting\"}";
+        let (server, mut stand_in) = host_proxy_answering(&layout, conflict, false);
+        let err = stop_in(&layout, &StopArgs { timeout: 3 }).unwrap_err();
+        assert_eq!(format!("{err:#}"), "cannot stop Berth: Berth is starting");
+        server.join().unwrap();
+        assert!(stand_in.try_wait().unwrap().is_none());
+        stand_in.kill().unwrap();
+        stand_in.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_start_of_a_running_vm_is_done_at_once() {
+        let events = vec![line(VmState::Running, "dockerd answers")];
+        let boot = start_with(events, Ask::Start, VmState::Running).await;
+        assert_eq!(boot, Boot::Running);
+    }
 
     #[test]
     fn tails_show_only_what_this_run_wrote() {

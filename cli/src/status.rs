@@ -34,7 +34,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::from_env()?;
     match lock::probe(&layout)? {
         lock::Status::Stopped => {
-            let report = stopped_report(&layout)?;
+            let report = stopped_report(&layout, &Config::load(&config::path()?)?)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -63,8 +63,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stopped_report(layout: &Layout) -> anyhow::Result<Stopped> {
-    let config = Config::load(&config::path()?)?;
+fn stopped_report(layout: &Layout, config: &Config) -> anyhow::Result<Stopped> {
     let artifact = |a: Artifact| config.artifact(a).map(|(path, _)| path);
     Ok(Stopped {
         api_version: API_VERSION,
@@ -185,6 +184,82 @@ pub fn print_config(path: &Path, config: &Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use berth_host_proxy::control_api::model::{GuestStatus, Sockets, StateChange};
+
+    #[test]
+    fn the_stopped_report_has_the_status_documents_names_and_the_config_files_settings() {
+        let config = Config {
+            cpus: 3,
+            kernel: Some("/k/vmlinux".into()),
+            ..Config::default()
+        };
+        let report = stopped_report(&Layout::new("/h"), &config).unwrap();
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["state"], "stopped");
+        assert_eq!(json["api_version"], API_VERSION);
+        assert_eq!(json["home"], "/h");
+        assert_eq!(json["settings"]["cpus"], 3);
+        assert_eq!(json["settings"]["memory_mib"], 2048);
+        assert_eq!(json["settings"]["kernel"], "/k/vmlinux");
+        // The same settings as a running host proxy's status document.
+        let settings: Settings = serde_json::from_value(json["settings"].clone()).unwrap();
+        assert_eq!(
+            resources(&settings),
+            "3 vCPUs, 2048 MiB memory, 64 GiB disk"
+        );
+    }
+
+    fn status(state: VmState, reason: &str) -> Status {
+        Status {
+            api_version: API_VERSION,
+            version: "0.1.0".into(),
+            pid: 1,
+            vmm_pid: None,
+            state: StateChange {
+                state,
+                reason: Some(reason.into()),
+                since_ms: 0,
+            },
+            uptime_secs: None,
+            home: "/h".into(),
+            sockets: Sockets {
+                docker: "/h/run/docker.sock".into(),
+                control: "/h/run/berth.sock".into(),
+                vsock: "/h/run/vsock.sock".into(),
+                vmm_api: "/h/run/vmm.sock".into(),
+            },
+            settings: stopped_report(&Layout::new("/h"), &Config::default())
+                .unwrap()
+                .settings,
+            guest: Some(GuestStatus {
+                protocol_version: 1,
+                host_protocol_version: 1,
+                agent_version: "0.1.0".into(),
+                dockerd: true,
+                containerd: true,
+                detail: String::new(),
+                stats: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_headline_says_where_the_vm_is_and_why() {
+        assert_eq!(
+            headline(&status(VmState::Running, "dockerd answers")),
+            "Berth is running"
+        );
+        assert_eq!(
+            headline(&status(VmState::Starting, "waiting for dockerd")),
+            "Berth is starting (waiting for dockerd)"
+        );
+        assert_eq!(
+            headline(&status(VmState::Crashed, "the guest kernel panicked")),
+            "Berth is not running: the VM crashed (the guest kernel panicked)"
+        );
+        assert!(headline(&status(VmState::Stopped, "")).starts_with("Berth is not running"));
+    }
 
     #[test]
     fn durations_read_naturally() {
