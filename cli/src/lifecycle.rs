@@ -196,9 +196,19 @@ async fn follow(
     ask: Ask,
     deadline: Instant,
 ) -> anyhow::Result<Boot> {
-    let mut events = match when_up(|| client.events(), launched.as_deref_mut(), SOCKET_WAIT).await {
+    // A host proxy we launched has until the deadline to open its socket (it may be slow to
+    // get going on a busy machine); one that was running has `SOCKET_WAIT`.
+    let wait = match launched {
+        Some(_) => deadline.saturating_duration_since(Instant::now()),
+        None => SOCKET_WAIT,
+    };
+    let mut events = match when_up(|| client.events(), launched.as_deref_mut(), wait).await {
         Ok(events) => events,
         Err(Unreachable::Exited(status)) => return Ok(Boot::Exited(status)),
+        Err(Unreachable::NoSocket(_)) if launched.is_some() => {
+            let last = "the host proxy has not opened its control socket";
+            return Ok(Boot::TimedOut(last.into()));
+        }
         Err(e) => return Err(e.into_error()).context("cannot follow the host proxy's events"),
     };
     // The first line is the state before our request: a crash of an earlier run is not ours.
@@ -325,6 +335,10 @@ fn stop_in(layout: &Layout, args: &StopArgs) -> anyhow::Result<()> {
         Err(Unreachable::Refused(e)) if e.api_code().is_some() => {
             return Err(e).context("cannot stop Berth");
         }
+        Err(Unreachable::NoSocket(_)) => println!(
+            "The host proxy has no control socket after {} s: stopping it",
+            SOCKET_WAIT.as_secs()
+        ),
         Err(e) => println!(
             "The host proxy does not answer ({:#}): stopping it",
             e.into_error()
