@@ -78,7 +78,8 @@ impl Error {
     }
 }
 
-/// A client of one host proxy's control socket. Each call is one connection.
+/// A client of one host proxy's control socket. Each call is one connection; the calls spawn
+/// that connection's I/O on the tokio runtime they run in (current-thread or not).
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
@@ -215,13 +216,9 @@ impl Client {
         body: Option<&StopRequest>,
     ) -> Result<T, Error> {
         let path = format!("{PREFIX}{endpoint}");
-        let body = match body {
-            Some(body) => Full::new(Bytes::from(
-                serde_json::to_vec(body).expect("a StopRequest always encodes"),
-            )),
-            None => Full::default(),
-        };
-        let has_body = !matches!(method, Method::GET);
+        let json = body.map(|body| serde_json::to_vec(body).expect("a StopRequest always encodes"));
+        let has_body = json.is_some();
+        let body = json.map_or_else(Full::default, |json| Full::new(Bytes::from(json)));
         let mut request = self.request(method.clone(), &path, body);
         if has_body {
             request.headers_mut().insert(
@@ -291,7 +288,8 @@ pub struct Events {
 }
 
 impl Events {
-    /// The next event; `None` when the host proxy ended the stream (it exited). Lines of a type
+    /// The next event; `None` when the host proxy ended the stream or the connection broke
+    /// (it exited, or went away mid-line). Lines of a type
     /// this client does not know (a newer host proxy's) are skipped. Cancel-safe: a dropped
     /// call loses nothing that was received.
     pub async fn next(&mut self) -> Result<Option<ApiEvent>, Error> {
