@@ -1,5 +1,5 @@
 //! `berth logs`: the VM console (kernel and agent), the host proxy's log, or dockerd's log
-//! read through the guest's shell port.
+//! read in the guest through the host proxy's shell upgrade.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -119,10 +119,10 @@ fn dockerd_log(layout: &Layout, args: &LogsArgs) -> anyhow::Result<()> {
         cols: 0,
         term: String::new(),
     };
-    let mut stream = shell::connect(layout, &request)?;
-    berth_protocol::write_shell_frame(&mut stream, &berth_protocol::ShellFrame::StdinEnd)
-        .context("cannot talk to the guest's shell service")?;
-    match shell::print_output(stream)? {
+    let mut session = shell::connect(layout, &request)?;
+    berth_protocol::write_shell_frame(&mut session.stream, &berth_protocol::ShellFrame::StdinEnd)
+        .context("cannot close the shell's stdin")?;
+    match shell::print_output(session.output())? {
         0 => Ok(()),
         code => bail!("reading {DOCKERD_LOG} in the guest failed (tail exited with status {code})"),
     }

@@ -2,8 +2,8 @@
 //! unmodified `docker` CLI through `~/.berth/run/docker.sock`.
 #![forbid(unsafe_code)]
 
-mod config;
 mod docker;
+mod host_proxy;
 mod lifecycle;
 mod logs;
 mod shell;
@@ -12,6 +12,7 @@ mod terminal;
 
 use std::process::ExitCode;
 
+use berth_host_proxy::config;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -69,10 +70,7 @@ fn main() -> ExitCode {
         Command::Restart {
             stop_timeout,
             start,
-        } => lifecycle::stop(&lifecycle::StopArgs {
-            timeout: stop_timeout,
-        })
-        .and_then(|()| lifecycle::start(&start)),
+        } => lifecycle::restart(stop_timeout, &start),
         Command::Status(args) => status::status(&args),
         Command::Logs(args) => logs::logs(&args),
         Command::Shell(args) => match shell::shell(&args) {
@@ -85,7 +83,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("berth: {}", one_line(&e));
+            // The error and its causes, each once (no message repeats its source).
+            eprintln!("berth: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -117,37 +116,9 @@ fn config_command(cmd: ConfigCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The error and its causes on one line, leaving out a cause whose text the line already holds
-/// (our errors quote their source).
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line.replace('\n', " ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context;
-
-    #[test]
-    fn causes_are_not_repeated() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
-        let err = Err::<(), _>(io)
-            .context("cannot open /x: No such file")
-            .context("starting")
-            .unwrap_err();
-        assert_eq!(one_line(&err), "starting: cannot open /x: No such file");
-    }
 
     #[test]
     fn the_command_line_parses() {

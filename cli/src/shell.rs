@@ -1,17 +1,17 @@
-//! `berth shell [-- CMD...]`: a shell (or one command) in the VM over the guest's shell port,
-//! with the local terminal in raw mode and its size followed when stdin is one. stdout and
-//! stderr stay apart, and `berth shell` exits with the command's status.
+//! `berth shell [-- CMD...]`: a shell (or one command) in the VM through the host proxy's
+//! `POST /v1/shell` upgrade, with the local terminal in raw mode and its size followed when
+//! stdin is one. stdout and stderr stay apart, and `berth shell` exits with the command's status.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Cursor, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use berth_host_proxy::lock::{self, Status};
-use berth_host_proxy::{control, Layout};
+use berth_host_proxy::Layout;
 use berth_protocol::{read_shell_frame, write_shell_frame, ShellFrame, ShellRequest, MAX_DATA};
 
-use crate::lifecycle::{runtime, CONTROL_TIMEOUT};
+use crate::host_proxy::{self, bounded};
 use crate::terminal::{self, RawMode};
 
 #[derive(clap::Args, Debug)]
@@ -33,14 +33,15 @@ pub fn shell(args: &ShellArgs) -> anyhow::Result<i32> {
         cols,
         term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
     };
-    let stream = connect(&layout, &request)?;
+    let session = connect(&layout, &request)?;
     let raw = if tty {
         RawMode::enable().context("cannot put the terminal in raw mode")?
     } else {
         None
     };
     let to_guest = Arc::new(Mutex::new(
-        stream
+        session
+            .stream
             .try_clone()
             .context("cannot share the shell stream")?,
     ));
@@ -48,27 +49,40 @@ pub fn shell(args: &ShellArgs) -> anyhow::Result<i32> {
     if tty {
         forward_resizes(to_guest)?;
     }
-    let result = print_output(stream);
+    let result = print_output(session.output());
     drop(raw);
     result
 }
 
-/// Opens a session in the running VM: the stream after the `ShellRequest`, blocking.
-pub fn connect(layout: &Layout, request: &ShellRequest) -> anyhow::Result<UnixStream> {
+/// A session in the VM after its `ShellRequest`: `ShellFrame`s both ways, blocking.
+pub struct Session {
+    pub stream: UnixStream,
+    /// What the host proxy sent after its 101 and the HTTP layer had already read.
+    buffered: Vec<u8>,
+}
+
+impl Session {
+    /// What the guest sends, in order.
+    pub fn output(self) -> impl Read {
+        Cursor::new(self.buffered).chain(self.stream)
+    }
+}
+
+/// Opens a session in the running VM through the host proxy's shell upgrade.
+pub fn connect(layout: &Layout, request: &ShellRequest) -> anyhow::Result<Session> {
     if lock::probe(layout)? == Status::Stopped {
         bail!("Berth is not running (`berth start` first)");
     }
-    runtime()?.block_on(async {
-        let stream = control::open_shell(&layout.vsock_socket(), request, CONTROL_TIMEOUT)
-            .await
-            .context("cannot reach the guest's shell service")?;
-        let stream = stream
-            .into_std()
-            .context("cannot take over the shell stream")?;
-        stream
-            .set_nonblocking(false)
-            .context("cannot take over the shell stream")?;
-        anyhow::Ok(stream)
+    let client = host_proxy::client(layout);
+    let (mut stream, buffered) = host_proxy::runtime()?.block_on(async {
+        let upgraded = bounded("cannot open a shell in the VM", client.shell()).await?;
+        upgraded.into_std().context("cannot open a shell in the VM")
+    })?;
+    berth_protocol::write_frame(&mut stream, request)
+        .context("cannot send the shell request to the VM")?;
+    Ok(Session {
+        stream,
+        buffered: buffered.to_vec(),
     })
 }
 
@@ -115,7 +129,7 @@ fn forward_resizes(to_guest: Arc<Mutex<UnixStream>>) -> anyhow::Result<()> {
 }
 
 /// Writes the session's stdout and stderr where they belong until its exit status arrives.
-pub fn print_output(mut from_guest: UnixStream) -> anyhow::Result<i32> {
+pub fn print_output(mut from_guest: impl Read) -> anyhow::Result<i32> {
     let mut stdout = std::io::stdout().lock();
     loop {
         let frame = read_shell_frame(&mut from_guest).context("shell session")?;

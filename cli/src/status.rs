@@ -1,18 +1,16 @@
-//! `berth status` and `berth config show`: what is running, with which settings, and what the
-//! guest uses.
+//! `berth status` and `berth config show`: the host proxy's status document (`GET /v1/status`)
+//! as text or as it is, or, when no host proxy runs, the settings the next start uses.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
-use berth_host_proxy::lock::{self, Status};
-use berth_host_proxy::state::{self, State};
-use berth_host_proxy::{control, Layout};
-use berth_protocol::{Request, Response};
-use serde_json::json;
+use anyhow::Context;
+use berth_host_proxy::config::{self, Artifact, Config};
+use berth_host_proxy::control_api::model::{Settings, Status, VmState, API_VERSION};
+use berth_host_proxy::lock;
+use berth_host_proxy::Layout;
+use serde::Serialize;
 
-use crate::config::{self, Artifact, Config};
-use crate::docker::{self, Ping};
-use crate::lifecycle::{runtime, CONTROL_TIMEOUT};
+use crate::host_proxy::{self, when_up, Unreachable, SOCKET_WAIT};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -21,140 +19,136 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// `berth status --json` when no host proxy runs: the status document's `api_version`,
+/// `state`, `reason`, `home` and `settings`, from the config file.
+#[derive(Debug, Serialize)]
+struct Stopped {
+    api_version: u32,
+    state: VmState,
+    reason: String,
+    home: PathBuf,
+    settings: Settings,
+}
+
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::from_env()?;
-    let report = match lock::probe(&layout)? {
-        Status::Stopped => stopped_report(&layout)?,
-        Status::Running { pid } => running_report(&layout, pid)?,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
+    match lock::probe(&layout)? {
+        lock::Status::Stopped => {
+            let report = stopped_report(&layout, &Config::load(&config::path()?)?)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("Berth is not running");
+                println!("settings:   {}", resources(&report.settings));
+            }
+        }
+        lock::Status::Running { pid } => {
+            let client = host_proxy::client(&layout);
+            let status = host_proxy::runtime()?
+                .block_on(when_up(|| client.status(), None, SOCKET_WAIT))
+                .map_err(Unreachable::into_error)
+                .with_context(|| {
+                    format!(
+                        "cannot get the status of the host proxy{}",
+                        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+                    )
+                })?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
     }
     Ok(())
 }
 
-fn stopped_report(layout: &Layout) -> anyhow::Result<serde_json::Value> {
-    let config = Config::load(&config::path()?)?;
-    Ok(json!({
-        "running": false,
-        "home": layout.home(),
-        "settings": {
-            "cpus": config.cpus,
-            "memory_mib": config.memory_mib,
-            "disk_size_gib": config.disk_size_gib,
+fn stopped_report(layout: &Layout, config: &Config) -> anyhow::Result<Stopped> {
+    let artifact = |a: Artifact| config.artifact(a).map(|(path, _)| path);
+    Ok(Stopped {
+        api_version: API_VERSION,
+        state: VmState::Stopped,
+        reason: "the host proxy is not running".into(),
+        home: layout.home().to_path_buf(),
+        settings: Settings {
+            cpus: u8::try_from(config.cpus).context("cpus must be between 1 and 255")?,
+            memory_mib: config.memory_mib,
+            disk_size_gib: config.disk_size_gib,
+            kernel: artifact(Artifact::Kernel),
+            rootfs: artifact(Artifact::Rootfs),
+            vmm: artifact(Artifact::Vmm),
+            cmdline_extra: config.cmdline_extra.clone(),
         },
-    }))
+    })
 }
 
-fn running_report(layout: &Layout, pid: Option<u32>) -> anyhow::Result<serde_json::Value> {
-    let state = State::read(&layout.state_file())?;
-    let runtime = runtime()?;
-    let docker = match runtime.block_on(docker::ping(
-        &layout.docker_socket(),
-        Duration::from_secs(10),
-    )) {
-        Ok(Ping::Ready) => json!({ "ready": true }),
-        Ok(Ping::NotReady(message)) => json!({ "ready": false, "detail": message }),
-        Err(e) => json!({ "ready": false, "detail": e.to_string() }),
-    };
-    let stats = match runtime.block_on(control::request(
-        &layout.vsock_socket(),
-        &Request::Stats,
-        CONTROL_TIMEOUT,
-    )) {
-        Ok(Response::Stats {
-            mem_total_kib,
-            mem_available_kib,
-            disk_total_kib,
-            disk_used_kib,
-            load_avg_1m,
-        }) => json!({
-            "mem_total_kib": mem_total_kib,
-            "mem_available_kib": mem_available_kib,
-            "disk_total_kib": disk_total_kib,
-            "disk_used_kib": disk_used_kib,
-            "load_avg_1m": load_avg_1m,
-        }),
-        Ok(other) => json!({ "error": format!("unexpected answer {other:?}") }),
-        Err(e) => json!({ "error": e.to_string() }),
-    };
-    let mut report = json!({
-        "running": true,
-        "home": layout.home(),
-        "pid": pid,
-        "docker_socket": layout.docker_socket(),
-        "docker": docker,
-        "guest": stats,
-    });
-    if let Some(state) = state {
-        report["vmm_pid"] = json!(state.vmm_pid);
-        report["started_at"] = json!(state.started_at);
-        report["uptime_secs"] = json!(state::now_unix().saturating_sub(state.started_at));
-        report["settings"] = json!({
-            "cpus": state.settings.cpus,
-            "memory_mib": state.settings.memory_mib,
-            "disk_size_gib": state.settings.disk_size_gib,
-            "kernel": state.settings.kernel,
-            "rootfs": state.settings.rootfs,
-        });
-    }
-    Ok(report)
-}
-
-fn print_report(r: &serde_json::Value) {
-    let settings = &r["settings"];
-    let resources = format!(
+fn resources(settings: &Settings) -> String {
+    format!(
         "{} vCPUs, {} MiB memory, {} GiB disk",
-        settings["cpus"], settings["memory_mib"], settings["disk_size_gib"]
-    );
-    if r["running"] != true {
-        println!("Berth is not running");
-        println!("settings:   {resources}");
-        return;
+        settings.cpus, settings.memory_mib, settings.disk_size_gib
+    )
+}
+
+/// The first line: where the VM is, and why when it is not simply running.
+fn headline(status: &Status) -> String {
+    let reason = status.state.reason.as_deref().unwrap_or("");
+    let why = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    };
+    match status.state.state {
+        VmState::Running => "Berth is running".into(),
+        VmState::Starting => format!("Berth is starting{why}"),
+        VmState::Stopping => format!("Berth is stopping{why}"),
+        VmState::Stopped => {
+            format!("Berth is not running{why}: the host proxy waits for `berth start`")
+        }
+        VmState::Crashed => format!("Berth is not running: the VM crashed{why}"),
     }
-    println!("Berth is running");
-    println!("pid:        {} (VMM {})", r["pid"], r["vmm_pid"]);
-    if let Some(up) = r["uptime_secs"].as_u64() {
+}
+
+fn print_status(status: &Status) {
+    println!("{}", headline(status));
+    let vmm = status
+        .vmm_pid
+        .map_or_else(|| "none".to_string(), |p| p.to_string());
+    println!("pid:        {} (VMM {vmm})", status.pid);
+    if let Some(up) = status.uptime_secs {
         println!("uptime:     {}", human_duration(up));
     }
-    println!("settings:   {resources}");
-    let docker = &r["docker"];
-    if docker["ready"] == true {
-        println!(
-            "docker:     ready on unix://{}",
-            str_of(&r["docker_socket"])
-        );
+    println!("settings:   {}", resources(&status.settings));
+    if !matches!(status.state.state, VmState::Starting | VmState::Running) {
+        return;
+    }
+    let docker = status.sockets.docker.display();
+    let Some(guest) = &status.guest else {
+        println!("docker:     not ready (the guest agent has not answered yet) on unix://{docker}");
+        return;
+    };
+    if guest.dockerd {
+        println!("docker:     ready on unix://{docker}");
     } else {
         println!(
-            "docker:     not ready ({}) on unix://{}",
-            str_of(&docker["detail"]),
-            str_of(&r["docker_socket"])
+            "docker:     not ready ({}) on unix://{docker}",
+            guest.detail
         );
     }
-    let guest = &r["guest"];
-    match guest["error"].as_str() {
-        Some(error) => println!("guest:      no stats ({error})"),
-        None => {
-            let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) / 1024;
-            let total = mib(&guest["mem_total_kib"]);
-            let used = total.saturating_sub(mib(&guest["mem_available_kib"]));
+    match &guest.stats {
+        None => println!("guest:      no stats yet"),
+        Some(stats) => {
+            let mib = |kib: u64| kib / 1024;
+            let total = mib(stats.mem_total_kib);
+            let used = total.saturating_sub(mib(stats.mem_available_kib));
             println!("memory:     {used} MiB used of {total} MiB");
             println!(
                 "disk:       {} MiB used of {} MiB",
-                mib(&guest["disk_used_kib"]),
-                mib(&guest["disk_total_kib"])
+                mib(stats.disk_used_kib),
+                mib(stats.disk_total_kib)
             );
-            println!("load:       {}", str_of(&guest["load_avg_1m"]));
+            println!("load:       {}", stats.load_avg_1m);
         }
     }
-}
-
-fn str_of(v: &serde_json::Value) -> String {
-    v.as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string())
 }
 
 fn human_duration(secs: u64) -> String {
@@ -190,6 +184,82 @@ pub fn print_config(path: &Path, config: &Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use berth_host_proxy::control_api::model::{GuestStatus, Sockets, StateChange};
+
+    #[test]
+    fn the_stopped_report_has_the_status_documents_names_and_the_config_files_settings() {
+        let config = Config {
+            cpus: 3,
+            kernel: Some("/k/vmlinux".into()),
+            ..Config::default()
+        };
+        let report = stopped_report(&Layout::new("/h"), &config).unwrap();
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["state"], "stopped");
+        assert_eq!(json["api_version"], API_VERSION);
+        assert_eq!(json["home"], "/h");
+        assert_eq!(json["settings"]["cpus"], 3);
+        assert_eq!(json["settings"]["memory_mib"], 2048);
+        assert_eq!(json["settings"]["kernel"], "/k/vmlinux");
+        // The same settings as a running host proxy's status document.
+        let settings: Settings = serde_json::from_value(json["settings"].clone()).unwrap();
+        assert_eq!(
+            resources(&settings),
+            "3 vCPUs, 2048 MiB memory, 64 GiB disk"
+        );
+    }
+
+    fn status(state: VmState, reason: &str) -> Status {
+        Status {
+            api_version: API_VERSION,
+            version: "0.1.0".into(),
+            pid: 1,
+            vmm_pid: None,
+            state: StateChange {
+                state,
+                reason: Some(reason.into()),
+                since_ms: 0,
+            },
+            uptime_secs: None,
+            home: "/h".into(),
+            sockets: Sockets {
+                docker: "/h/run/docker.sock".into(),
+                control: "/h/run/berth.sock".into(),
+                vsock: "/h/run/vsock.sock".into(),
+                vmm_api: "/h/run/vmm.sock".into(),
+            },
+            settings: stopped_report(&Layout::new("/h"), &Config::default())
+                .unwrap()
+                .settings,
+            guest: Some(GuestStatus {
+                protocol_version: 1,
+                host_protocol_version: 1,
+                agent_version: "0.1.0".into(),
+                dockerd: true,
+                containerd: true,
+                detail: String::new(),
+                stats: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_headline_says_where_the_vm_is_and_why() {
+        assert_eq!(
+            headline(&status(VmState::Running, "dockerd answers")),
+            "Berth is running"
+        );
+        assert_eq!(
+            headline(&status(VmState::Starting, "waiting for dockerd")),
+            "Berth is starting (waiting for dockerd)"
+        );
+        assert_eq!(
+            headline(&status(VmState::Crashed, "the guest kernel panicked")),
+            "Berth is not running: the VM crashed (the guest kernel panicked)"
+        );
+        assert!(headline(&status(VmState::Stopped, "")).starts_with("Berth is not running"));
+    }
 
     #[test]
     fn durations_read_naturally() {

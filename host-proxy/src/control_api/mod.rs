@@ -3,5 +3,6 @@
 //! --unix-socket`. `model` is the JSON both sides speak; `API.md` beside the crate describes
 //! every endpoint.
 
+pub mod client;
 pub mod model;
 pub mod server;
