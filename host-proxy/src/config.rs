@@ -216,7 +216,7 @@ impl Config {
             })?;
         }
         let text = toml::to_string(self).map_err(Error::Encode)?;
-        crate::state::write_atomic(path, text.as_bytes()).map_err(|source| Error::Write {
+        crate::layout::write_atomic(path, text.as_bytes()).map_err(|source| Error::Write {
             path: path.into(),
             source,
         })

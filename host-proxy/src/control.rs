@@ -5,9 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use berth_protocol::{
-    Request, Response, ShellRequest, CONTROL_PORT, MAX_FRAME, PROTOCOL_VERSION, SHELL_PORT,
-};
+use berth_protocol::{Request, Response, CONTROL_PORT, MAX_FRAME, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -172,17 +170,6 @@ pub async fn request(vsock: &Path, req: &Request, timeout: Duration) -> Result<R
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Err(Error::Timeout(timeout)))
-}
-
-/// Opens a shell session: after the `ShellRequest` frame the stream carries `ShellFrame`s.
-pub async fn open_shell(
-    vsock: &Path,
-    shell: &ShellRequest,
-    timeout: Duration,
-) -> Result<UnixStream, Error> {
-    let mut stream = hybrid::connect(vsock, SHELL_PORT, timeout).await?;
-    write_frame(&mut stream, shell).await?;
-    Ok(stream)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Where Berth keeps its files: `~/.berth` (or `$BERTH_HOME`) with `run/`, `logs/` and the data disk.
 
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -76,9 +77,6 @@ impl Layout {
     pub fn pid_file(&self) -> PathBuf {
         self.run_dir().join("berth.pid")
     }
-    pub fn state_file(&self) -> PathBuf {
-        self.run_dir().join("state.json")
-    }
     /// The VMM's serial console: kernel and agent output.
     pub fn console_log(&self) -> PathBuf {
         self.logs_dir().join("console.log")
@@ -102,6 +100,17 @@ impl Layout {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
             .map_err(|source| Error::CreateDir { path: run, source })
     }
+}
+
+/// Replaces `path` with `bytes` so that readers see the old or the new content, never half.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ pub mod hybrid;
 pub mod layout;
 pub mod lock;
 pub mod settings;
-pub mod state;
 pub mod vmm;
 
 pub use layout::Layout;

@@ -80,7 +80,7 @@ impl InstanceLock {
     /// Records the holder's pid in `run/berth.pid`.
     pub fn write_pid(&self, layout: &Layout, pid: u32) -> Result<(), Error> {
         let path = layout.pid_file();
-        crate::state::write_atomic(&path, format!("{pid}\n").as_bytes())
+        crate::layout::write_atomic(&path, format!("{pid}\n").as_bytes())
             .map_err(|source| Error::WritePid { path, source })
     }
 }
@@ -126,7 +126,6 @@ pub fn probe(layout: &Layout) -> Result<Status, Error> {
 fn remove_stale(layout: &Layout) {
     for path in [
         layout.pid_file(),
-        layout.state_file(),
         layout.docker_socket(),
         layout.control_socket(),
         layout.vsock_socket(),
@@ -173,12 +172,12 @@ mod tests {
         // What a SIGKILLed host proxy leaves: the lock file, no holder, and its files.
         std::fs::write(layout.lock_file(), b"").unwrap();
         std::fs::write(layout.pid_file(), b"999999\n").unwrap();
-        std::fs::write(layout.state_file(), b"{}").unwrap();
         std::os::unix::net::UnixListener::bind(layout.docker_socket()).unwrap();
+        std::os::unix::net::UnixListener::bind(layout.control_socket()).unwrap();
         assert_eq!(probe(&layout).unwrap(), Status::Stopped);
         assert!(!layout.pid_file().exists());
-        assert!(!layout.state_file().exists());
         assert!(!layout.docker_socket().exists());
+        assert!(!layout.control_socket().exists());
         let lock = InstanceLock::acquire(&layout, Duration::ZERO).unwrap();
         lock.write_pid(&layout, 7).unwrap();
         assert_eq!(read_pid(&layout.pid_file()), Some(7));

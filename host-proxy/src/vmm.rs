@@ -89,7 +89,7 @@ pub fn write_config(config: &VmConfig, layout: &Layout) -> Result<PathBuf, Error
     let path = layout.vm_config();
     config.check().map_err(Error::Describe)?;
     let json = config.to_json().map_err(Error::Describe)?;
-    crate::state::write_atomic(&path, json.as_bytes()).map_err(|source| Error::WriteConfig {
+    crate::layout::write_atomic(&path, json.as_bytes()).map_err(|source| Error::WriteConfig {
         path: path.clone(),
         source,
     })?;

@@ -36,8 +36,7 @@ fn serves_docker_refuses_a_second_instance_and_shuts_the_guest_down_on_sigterm()
         assert_eq!(mode & 0o777, 0o600, "{owner_only} is owner-only");
     }
 
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home.path("home/run/state.json")).unwrap()).unwrap();
+    let state = get(&home.control(), "/v1/status").json();
     assert_eq!(state["pid"], proxy.id());
     assert!(state["vmm_pid"].as_u64().is_some());
     assert_eq!(state["settings"]["memory_mib"], 256);

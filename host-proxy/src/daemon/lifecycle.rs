@@ -20,7 +20,6 @@ use crate::control;
 use crate::control_api::model::VmState;
 use crate::layout::Layout;
 use crate::settings::VmSettings;
-use crate::state::{self, State};
 use crate::{disk, vmm};
 
 /// How long the guest agent has to acknowledge the shutdown request.
@@ -121,7 +120,6 @@ fn start(shared: &Arc<Shared>) -> Option<Vm> {
                 settings.memory_mib,
                 settings.kernel.display()
             );
-            write_state(&shared.layout, pid, &settings);
             shared.vmm_started(run, pid, settings);
             let guest = tokio::spawn(guest::watch(shared.clone(), run));
             Some(Vm { child, run, guest })
@@ -163,22 +161,6 @@ fn prepare_disk(layout: &Layout, size_gib: u64) -> Result<(), StartError> {
     Ok(())
 }
 
-/// `run/state.json` for readers of the files (older CLIs).
-fn write_state(layout: &Layout, vmm_pid: Option<u32>, settings: &VmSettings) {
-    let state = State {
-        pid: std::process::id(),
-        vmm_pid,
-        started_at: state::now_unix(),
-        docker_socket: layout.docker_socket(),
-        vsock_socket: layout.vsock_socket(),
-        settings: settings.clone(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
-    if let Err(e) = state.write(&layout.state_file()) {
-        tracing::warn!("{}", chain(&e));
-    }
-}
-
 /// Keeps the previous boot's console as `console.log.old` (the VMM truncates `console.log`).
 fn keep_previous_console(layout: &Layout) {
     let console = layout.console_log();
@@ -215,15 +197,11 @@ fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitStatus>) 
     shared.set_state(state, reason);
 }
 
-/// What a run leaves behind goes: the guest task, the VMM's sockets, the state file.
+/// What a run leaves behind goes: the guest task, the VMM's sockets.
 fn finish(shared: &Shared, vm: Vm) {
     vm.guest.abort();
     let layout = &shared.layout;
-    for path in [
-        layout.vsock_socket(),
-        layout.vmm_api_socket(),
-        layout.state_file(),
-    ] {
+    for path in [layout.vsock_socket(), layout.vmm_api_socket()] {
         let _ = std::fs::remove_file(path);
     }
     shared.vmm_gone();

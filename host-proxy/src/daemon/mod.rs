@@ -76,7 +76,6 @@ struct RunFiles<'a>(&'a Layout);
 impl Drop for RunFiles<'_> {
     fn drop(&mut self) {
         for path in [
-            self.0.state_file(),
             self.0.pid_file(),
             self.0.vsock_socket(),
             self.0.vmm_api_socket(),
