@@ -24,14 +24,4 @@ pub fn error(message: &str) {
     say(&format!("error: {message}"));
 }
 
-/// `error: cause: cause` on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+pub use berth_errors::chain;

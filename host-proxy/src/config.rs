@@ -360,16 +360,7 @@ pub fn sibling_executable(name: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut line = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            line.push_str(": ");
-            line.push_str(&s.to_string());
-            source = s.source();
-        }
-        line
-    }
+    use berth_errors::chain;
 
     #[test]
     fn a_missing_file_gives_the_defaults_and_a_partial_one_fills_them_in() {

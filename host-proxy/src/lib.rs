@@ -18,16 +18,4 @@ pub mod vmm;
 pub use layout::Layout;
 pub use settings::VmSettings;
 
-/// An error and its causes on one line, each cause once: "cannot start the VMM: cannot read
-/// the settings: /x/config.toml: cpus must be ...". Messages never repeat their source, so
-/// nothing is left out or printed twice.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use berth_errors::chain;

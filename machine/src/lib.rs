@@ -333,16 +333,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut line = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            line.push_str(": ");
-            line.push_str(&s.to_string());
-            source = s.source();
-        }
-        line
-    }
+    use berth_errors::chain;
 
     fn full() -> VmConfig {
         VmConfig {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use berth_errors::chain;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::Bus;
@@ -96,18 +97,6 @@ pub fn run_vcpu(id: u8, mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
             return;
         }
     }
-}
-
-/// `error: cause: cause` on one line: `ExitReason::Error` carries text, not the error.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// Starts vCPU `id` on a thread of its own.

@@ -8,7 +8,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{feature, features, status, ErrorChain, Interrupt, VirtioDevice};
+use berth_errors::Chain;
+
+use super::{feature, features, status, Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemory;
 
@@ -421,10 +423,7 @@ impl MmioTransport {
                 );
             }
             Err(e) => {
-                tracing::error!(
-                    "virtio-mmio: activating the device failed: {}",
-                    ErrorChain(&e)
-                );
+                tracing::error!("virtio-mmio: activating the device failed: {}", Chain(&e));
                 self.needs_reset();
             }
         }

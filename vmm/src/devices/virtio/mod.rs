@@ -1,7 +1,6 @@
 //! virtio devices over the virtio-mmio transport: the device trait, the interrupt shared by a
 //! transport and its device's event loop, and the constants of the virtio 1.2 specification.
 
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -200,22 +199,6 @@ impl Interrupt {
     /// The eventfd that injects the interrupt into the guest.
     pub fn irq(&self) -> &EventFd {
         &self.irq
-    }
-}
-
-/// Shows an error and its sources as one line, `what failed: why: why`, for a log line: error
-/// messages never repeat their source, so logging only the outer one would drop the cause.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }
 

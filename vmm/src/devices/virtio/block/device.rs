@@ -19,11 +19,11 @@ use super::{
     Error, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
 };
 use crate::devices::virtio::event_loop::EventLoop;
-use crate::devices::virtio::ErrorChain;
 use crate::devices::virtio::{
     feature, features, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
 };
 use crate::memory::GuestMemory;
+use berth_errors::Chain;
 
 const CONFIG_SIZE: usize = size_of::<virtio_blk_config>();
 
@@ -201,7 +201,7 @@ impl VirtioDevice for Block {
         if !self.disk.read_only() {
             if let Err(e) = self.disk.flush() {
                 tracing::error!(
-                    error = %ErrorChain(&e),
+                    error = %Chain(&e),
                     "syncing the disk image at stop failed"
                 );
             }

@@ -14,8 +14,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _};
 use super::disk::Disk;
 use super::{ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX};
 use crate::devices::virtio::event_loop::DeviceHandler;
-use crate::devices::virtio::ErrorChain;
 use crate::memory::GuestMemory;
+use berth_errors::Chain;
 
 /// The request header: type, reserved, sector.
 const HEADER_LEN: u32 = 16;
@@ -108,7 +108,7 @@ impl DeviceHandler for BlockHandler {
         let (status_byte, written) = match self.serve(mem, &descriptors) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
-                warn_rate_limited!("virtio-blk: request failed: {}", ErrorChain(&e));
+                warn_rate_limited!("virtio-blk: request failed: {}", Chain(&e));
                 (e.status(), 0)
             }
         };

@@ -380,7 +380,7 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::test_utils::{guest_memory, wait_for, TestQueue, DATA, WRITE};
-    use crate::devices::virtio::ErrorChain;
+    use berth_errors::Chain;
 
     /// Long enough for a loop that should stay quiet to have spun many times if it did not.
     const QUIET: Duration = Duration::from_millis(150);
@@ -647,7 +647,7 @@ mod tests {
             .activate(guest_memory(), interrupt(), Vec::new(), || Ok(probe))
             .unwrap_err();
         assert!(matches!(err, ActivateError::StartBackend(_)), "{err}");
-        let message = ErrorChain(&err).to_string();
+        let message = Chain(&err).to_string();
         assert!(
             message.contains("starting the device's backend") && message.contains("(token 1)"),
             "{message}"

@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{read_connect_line, Connection, Pending, State};
 use super::packet::{Header, Op, HOST_CID, VSOCK_TYPE_STREAM};
 use crate::devices::virtio::event_loop::{self, Backends};
-use crate::devices::virtio::ErrorChain;
+use berth_errors::Chain;
 
 /// At most this many connections at once; more are refused with a reset.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -198,7 +198,7 @@ impl Muxer {
                 }
                 if set.contains(EventSet::OUT) && conn.wants_writable {
                     if let Err(e) = conn.flush_to_host() {
-                        tracing::debug!("vsock {key:?}: {}", ErrorChain(&e));
+                        tracing::debug!("vsock {key:?}: {}", Chain(&e));
                         conn.close_with_reset();
                     }
                 }
@@ -218,7 +218,7 @@ impl Muxer {
                         continue;
                     }
                     if let Err(e) = Self::watch_stream(backends, &stream) {
-                        warn_rate_limited!("vsock: dropping a host connection: {}", ErrorChain(&e));
+                        warn_rate_limited!("vsock: dropping a host connection: {}", Chain(&e));
                         continue;
                     }
                     let fd = stream.as_raw_fd();
@@ -263,7 +263,7 @@ impl Muxer {
             Err(e) => warn_rate_limited!(
                 "vsock: host connections on {} still wait: {}",
                 self.path.display(),
-                ErrorChain(&e)
+                Chain(&e)
             ),
         }
     }
@@ -381,7 +381,7 @@ impl Muxer {
                     None => Ok(()),
                 };
                 if let Err(e) = result {
-                    tracing::debug!("vsock {key:?}: {}", ErrorChain(&e));
+                    tracing::debug!("vsock {key:?}: {}", Chain(&e));
                     conn.close_with_reset();
                 }
             }
@@ -415,7 +415,7 @@ impl Muxer {
                 }
             };
         if let Err(e) = Self::watch_stream(backends, &stream) {
-            warn_rate_limited!("vsock: refusing a guest connection: {}", ErrorChain(&e));
+            warn_rate_limited!("vsock: refusing a guest connection: {}", Chain(&e));
             return self.reset_reply(hdr);
         }
         let key = (hdr.dst_port, hdr.src_port);
