@@ -86,15 +86,18 @@ api=$BERTH_HOME/run/berth.sock
 check api-status sh -c "curl -sS --fail-with-body --unix-socket '$api' http://berth/v1/status | jq -e '.state == \"running\" and .sockets.docker != null'"
 check api-not-found sh -c "code=\$(curl -sS -o '$work/api-404' -w '%{http_code}' --unix-socket '$api' http://berth/v2/status); cat '$work/api-404'; echo; [ \"\$code\" = 404 ] && jq -e '.code == \"not_found\"' '$work/api-404'"
 check api-bad-body sh -c "code=\$(curl -sS -o '$work/api-400' -w '%{http_code}' --unix-socket '$api' -X POST -d '{\"timeout_secs\": \"soon\"}' http://berth/v1/stop); cat '$work/api-400'; echo; [ \"\$code\" = 400 ] && jq -e '.code == \"bad_request\"' '$work/api-400'"
-# A second client follows the event stream while the CLI stops the VM.
+# A second client follows the event stream: a real guest event (dockerd killed, restarted by
+# the agent's supervisor), then the CLI stopping the VM.
 curl -sSN --unix-socket "$api" http://berth/v1/events > "$work/events" 2>&1 &
 events_pid=$!
 sleep 1
+check kill-dockerd berth shell -- sh -c 'for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = dockerd ] && kill -9 "${p#/proc/}" && echo "killed dockerd ${p#/proc/}"; done'
+check dockerd-back sh -c "for i in \$(seq 120); do grep -q '\"daemon_ready\"' '$work/events' && grep -q '\"daemon_exited\"' '$work/events' && docker version >/dev/null 2>&1 && exit 0; sleep 1; done; cat '$work/events'; exit 1"
 check final-stop berth stop
 sleep 1
 kill "$events_pid" 2>/dev/null
 wait "$events_pid" 2>/dev/null
-check events-followed-the-stop sh -c "cat '$work/events'; jq -r 'select(.type == \"state\") | .state' '$work/events' | tr '\n' ' ' | grep -q 'running stopping stopped'"
+check events-followed-the-stop sh -c "cat '$work/events'; jq -r 'if .type == \"state\" then .state else .event.event end' '$work/events' | tr '\n' ' ' | grep -q 'running daemon_exited .*daemon_ready stopping stopped'"
 check stop-again berth stop
 rm -rf "$work"
 # tests/tests/docker.rs repeats a run in which the guest reset itself (see berth-home.sh).

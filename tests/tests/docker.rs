@@ -107,6 +107,8 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("api-not-found", "\"not_found\"");
     expect("api-bad-body", "timeout_secs");
     expect("final-stop", "");
+    expect("kill-dockerd", "killed dockerd");
+    expect("events-followed-the-stop", "\"daemon_exited\"");
     expect("events-followed-the-stop", "\"stopping\"");
     expect("stop-again", "not running");
     for step in [
@@ -121,6 +123,7 @@ fn docker_cli_drives_dockerd_in_the_vm() {
         "restart-vm",
         "status-json-running",
         "api-status",
+        "dockerd-back",
     ] {
         expect(step, "");
     }
