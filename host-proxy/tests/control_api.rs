@@ -191,10 +191,20 @@ fn a_second_client_sees_the_whole_lifecycle_while_another_starts_and_stops_the_v
     let quit = post(&socket, "/v1/quit", "");
     assert_eq!(quit.status, 202, "{quit:?}");
     assert_eq!(quit.json()["state"], "stopping");
-    events.until(|e| e["state"] == "stopped");
+    let states: Vec<String> = events
+        .until(|e| e["state"] == "stopped")
+        .iter()
+        .filter(|e| e["type"] == "state")
+        .map(|e| e["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["stopping", "stopped"], "each state once");
     assert!(
         events.next().is_none(),
         "the stream ends when the daemon quits"
+    );
+    assert!(
+        events.ended_cleanly,
+        "the stream ends with HTTP's last chunk, not a cut connection"
     );
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }

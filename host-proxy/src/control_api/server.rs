@@ -174,10 +174,19 @@ async fn status(shared: &Arc<Shared>) -> Answered {
 /// The current state, then every change and guest event, one JSON document per line.
 fn events(shared: &Arc<Shared>) -> Answered {
     let (current, mut receiver) = shared.subscribe();
+    let mut closing = shared.closing();
     let (lines, body) = mpsc::channel(EVENT_CLIENT_BUFFER);
     tokio::spawn(async move {
         let mut next = Some(ApiEvent::State(current));
         loop {
+            if next.is_none() && *closing.borrow() {
+                // What was published before the close still goes out; then the body ends.
+                match receiver.try_recv() {
+                    Ok(event) => next = Some(event),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
             if let Some(event) = next.take() {
                 let Ok(mut line) = serde_json::to_vec(&event) else {
                     continue;
@@ -188,8 +197,12 @@ fn events(shared: &Arc<Shared>) -> Answered {
                     return;
                 }
             }
+            if *closing.borrow() {
+                continue;
+            }
             tokio::select! {
                 () = lines.closed() => return,
+                _ = closing.changed() => {}
                 received = receiver.recv() => match received {
                     Ok(event) => next = Some(event),
                     // The oldest were dropped for it; it goes on with the ones still kept.

@@ -133,6 +133,7 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
     };
     drop(docker);
     drop(control);
+    shared.close_streams();
     tokio::time::sleep(QUIT_GRACE).await;
     tracing::info!("host proxy exiting");
     Ok(Outcome {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_protocol::PROTOCOL_VERSION;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::{self, Artifact, Config};
 use crate::control::Hello;
@@ -59,6 +59,8 @@ pub struct Shared {
     pub default_stop_timeout: Duration,
     inner: Mutex<Inner>,
     events: broadcast::Sender<ApiEvent>,
+    /// Turns true when the host proxy quits: event streams then end cleanly.
+    closing: watch::Sender<bool>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -106,6 +108,7 @@ impl Shared {
                 guest: None,
             }),
             events,
+            closing: watch::Sender::new(false),
             commands,
         };
         (Arc::new(shared), queue)
@@ -132,6 +135,10 @@ impl Shared {
         state: VmState,
         reason: String,
     ) -> StateChange {
+        // Entering the state the VM is in, for the same reason, changes nothing: no event.
+        if inner.state.state == state && inner.state.reason.as_deref() == Some(reason.as_str()) {
+            return inner.state.clone();
+        }
         tracing::info!("state: {state} ({reason})");
         inner.state = StateChange {
             state,
@@ -148,6 +155,17 @@ impl Shared {
     pub fn subscribe(&self) -> (StateChange, broadcast::Receiver<ApiEvent>) {
         let inner = self.lock();
         (inner.state.clone(), self.events.subscribe())
+    }
+
+    /// Ends every event stream once it has sent what was published before (the host proxy is
+    /// quitting), so clients see the stream end, not the connection break.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Changes to true when the event streams are to end.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Passes on an event the guest agent pushed.

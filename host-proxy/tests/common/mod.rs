@@ -199,6 +199,8 @@ pub fn post(socket: &Path, path: &str, body: &str) -> Answer {
 /// A client following `GET /v1/events` (a chunked stream of JSON lines).
 pub struct Events {
     reader: BufReader<UnixStream>,
+    /// The stream ended with HTTP's last chunk (not a broken connection).
+    pub ended_cleanly: bool,
 }
 
 impl Events {
@@ -224,7 +226,10 @@ impl Events {
                 .contains("transfer-encoding: chunked"),
             "{head}"
         );
-        Events { reader }
+        Events {
+            reader,
+            ended_cleanly: false,
+        }
     }
 
     /// The next event; `None` when the stream ended.
@@ -236,6 +241,7 @@ impl Events {
             }
             let size = usize::from_str_radix(size.trim(), 16).unwrap();
             if size == 0 {
+                self.ended_cleanly = true;
                 return None;
             }
             let mut chunk = vec![0u8; size + 2];
