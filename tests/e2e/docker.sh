@@ -83,7 +83,7 @@ check status-json-running sh -c 'berth status --json | jq -e ".state == \"runnin
 
 # The control API, as the tray app and scripts use it: curl on berth.sock.
 api=$BERTH_HOME/run/berth.sock
-check api-status sh -c "curl -sS --fail-with-body --unix-socket '$api' http://berth/v1/status | jq -e '.state == \"running\" and .sockets.docker != null'"
+check api-status sh -c "curl -sS --fail-with-body --unix-socket '$api' http://berth/v1/status > '$work/api-status' && cat '$work/api-status' && echo && jq -e '.state == \"running\" and .sockets.docker != null' '$work/api-status'"
 check api-not-found sh -c "code=\$(curl -sS -o '$work/api-404' -w '%{http_code}' --unix-socket '$api' http://berth/v2/status); cat '$work/api-404'; echo; [ \"\$code\" = 404 ] && jq -e '.code == \"not_found\"' '$work/api-404'"
 check api-bad-body sh -c "code=\$(curl -sS -o '$work/api-400' -w '%{http_code}' --unix-socket '$api' -X POST -d '{\"timeout_secs\": \"soon\"}' http://berth/v1/stop); cat '$work/api-400'; echo; [ \"\$code\" = 400 ] && jq -e '.code == \"bad_request\"' '$work/api-400'"
 # A second client follows the event stream: a real guest event (dockerd killed, restarted by
