@@ -202,6 +202,16 @@ impl Interrupt {
     }
 }
 
+/// A driver's read of `data.len()` bytes at `offset` of a configuration space whose bytes are
+/// `config`: bytes beyond it read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let len = src.len().min(data.len());
+        data[..len].copy_from_slice(&src[..len]);
+    }
+}
+
 /// Messages a call site may log per second before it is silenced until the next second.
 const LOG_BURST: u64 = 5;
 
@@ -273,6 +283,21 @@ mod tests {
         assert_eq!(interrupt.status(), INT_CONFIG);
         interrupt.clear();
         assert_eq!(interrupt.status(), 0);
+    }
+
+    #[test]
+    fn config_reads_past_the_end_read_zeros() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_space(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_space(&config, 9, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_space(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+        let mut byte = [0u8; 1];
+        read_config_space(&config, 0, &mut byte);
+        assert_eq!(byte, [1]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::devices::virtio::event_loop::EventLoop;
 use crate::devices::virtio::{
-    feature, features, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
+    feature, features, read_config_space, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
 };
 use crate::memory::GuestMemory;
 use berth_errors::Chain;
@@ -159,14 +159,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let len = src.len().min(data.len());
-            data[..len].copy_from_slice(&src[..len]);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -12,7 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::Header;
 use crate::devices::virtio::event_loop::{self, Context, DeviceHandler, EventLoop, Served};
-use crate::devices::virtio::{feature, features, ActivateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    feature, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+};
 use crate::memory::GuestMemory;
 
 pub const TYPE_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -61,12 +63,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        data.fill(0);
-        if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
