@@ -34,7 +34,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::from_env()?;
     match lock::probe(&layout)? {
         lock::Status::Stopped => {
-            let report = stopped_report(&layout, &Config::load(&config::path()?)?)?;
+            let report = stopped_report(&layout, &Config::load(&config::path()?)?);
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -63,23 +63,14 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stopped_report(layout: &Layout, config: &Config) -> anyhow::Result<Stopped> {
-    let artifact = |a: Artifact| config.artifact(a).map(|(path, _)| path);
-    Ok(Stopped {
+fn stopped_report(layout: &Layout, config: &Config) -> Stopped {
+    Stopped {
         api_version: API_VERSION,
         state: VmState::Stopped,
         reason: "the host proxy is not running".into(),
         home: layout.home().to_path_buf(),
-        settings: Settings {
-            cpus: u8::try_from(config.cpus).context("cpus must be between 1 and 255")?,
-            memory_mib: config.memory_mib,
-            disk_size_gib: config.disk_size_gib,
-            kernel: artifact(Artifact::Kernel),
-            rootfs: artifact(Artifact::Rootfs),
-            vmm: artifact(Artifact::Vmm),
-            cmdline_extra: config.cmdline_extra.clone(),
-        },
-    })
+        settings: config.status_settings(),
+    }
 }
 
 fn resources(settings: &Settings) -> String {
@@ -194,7 +185,7 @@ mod tests {
             kernel: Some("/k/vmlinux".into()),
             ..Config::default()
         };
-        let report = stopped_report(&Layout::new("/h"), &config).unwrap();
+        let report = stopped_report(&Layout::new("/h"), &config);
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["state"], "stopped");
         assert_eq!(json["api_version"], API_VERSION);
@@ -229,9 +220,7 @@ mod tests {
                 vsock: "/h/run/vsock.sock".into(),
                 vmm_api: "/h/run/vmm.sock".into(),
             },
-            settings: stopped_report(&Layout::new("/h"), &Config::default())
-                .unwrap()
-                .settings,
+            settings: stopped_report(&Layout::new("/h"), &Config::default()).settings,
             guest: Some(GuestStatus {
                 protocol_version: 1,
                 host_protocol_version: 1,

@@ -278,6 +278,22 @@ impl Config {
         Ok(())
     }
 
+    /// The settings as the control API's status shows them (artifacts resolved as a start
+    /// would resolve them).
+    pub fn status_settings(&self) -> crate::control_api::model::Settings {
+        let artifact = |a| self.artifact(a).map(|(path, _)| path);
+        crate::control_api::model::Settings {
+            // `validate` keeps cpus within 1..=255.
+            cpus: u8::try_from(self.cpus).unwrap_or(u8::MAX),
+            memory_mib: self.memory_mib,
+            disk_size_gib: self.disk_size_gib,
+            kernel: artifact(Artifact::Kernel),
+            rootfs: artifact(Artifact::Rootfs),
+            vmm: artifact(Artifact::Vmm),
+            cmdline_extra: self.cmdline_extra.clone(),
+        }
+    }
+
     /// Where `artifact` is: the config file, else its environment variable, else (the VMM) next
     /// to this executable; with the place it came from.
     pub fn artifact(&self, artifact: Artifact) -> Option<(PathBuf, String)> {

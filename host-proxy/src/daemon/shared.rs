@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use berth_protocol::PROTOCOL_VERSION;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::config::{self, Artifact, Config};
+use crate::config::{self, Config};
 use crate::control::Hello;
 use crate::control_api::model::{
     ApiEvent, GuestStats, GuestStatus, Settings, Sockets, StateChange, Status, VmState, API_VERSION,
@@ -377,16 +377,7 @@ fn next_settings() -> Settings {
     let config = config::path()
         .and_then(|path| Config::load(&path))
         .unwrap_or_default();
-    let artifact = |a| config.artifact(a).map(|(path, _)| path);
-    Settings {
-        cpus: u8::try_from(config.cpus).unwrap_or(u8::MAX),
-        memory_mib: config.memory_mib,
-        disk_size_gib: config.disk_size_gib,
-        kernel: artifact(Artifact::Kernel),
-        rootfs: artifact(Artifact::Rootfs),
-        vmm: artifact(Artifact::Vmm),
-        cmdline_extra: config.cmdline_extra.clone(),
-    }
+    config.status_settings()
 }
 
 #[cfg(test)]
