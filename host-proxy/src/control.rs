@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use berth_protocol::{Request, Response, CONTROL_PORT, MAX_FRAME, PROTOCOL_VERSION};
+use berth_protocol::{Request, Response, CONTROL_PORT, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -150,11 +150,7 @@ where
             n => got += n,
         }
     }
-    let len = u32::from_be_bytes(len);
-    if len > MAX_FRAME {
-        return Err(berth_protocol::Error::FrameTooLarge(u64::from(len)).into());
-    }
-    let mut body = vec![0u8; len as usize];
+    let mut body = vec![0u8; berth_protocol::frame_len(len)?];
     r.read_exact(&mut body).await.map_err(io)?;
     let msg = serde_json::from_slice(&body).map_err(berth_protocol::Error::Decode)?;
     Ok(Some(msg))
@@ -265,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_and_truncated_frames_are_refused() {
-        let huge = (MAX_FRAME + 1).to_be_bytes();
+        let huge = (berth_protocol::MAX_FRAME + 1).to_be_bytes();
         let err = read_frame::<_, Response>(&mut huge.as_slice())
             .await
             .unwrap_err();
