@@ -76,6 +76,11 @@ pub enum DeviceConfig {
     Rng,
     /// virtio-vsock exposed on the host as a unix socket (Firecracker's hybrid convention).
     Vsock(VsockConfig),
+    /// virtio-net whose backend is a unix stream socket carrying Ethernet frames with QEMU's
+    /// `-netdev stream` framing (passt, gvproxy).
+    Net(NetConfig),
+    /// virtio-fs: one host directory, served in the VMM, mounted by the guest by its tag.
+    Fs(FsConfig),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +105,38 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// The MTU of a Berth guest's network: the largest frame passt takes (65520 bytes) less the
+/// Ethernet header.
+pub const DEFAULT_NET_MTU: u16 = 65520 - 14;
+/// The least MTU an IPv6-capable link may have (RFC 8200).
+pub const MIN_NET_MTU: u16 = 1280;
+/// The longest virtio-fs tag (virtio 1.2, 5.11.4: 36 bytes, no NUL needed).
+pub const MAX_FS_TAG: usize = 36;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The backend: connect here (a unix stream socket); each frame is preceded by its length,
+    /// 4 bytes big-endian.
+    pub socket: PathBuf,
+    /// The guest's MAC address, `52:54:00:12:34:56` style.
+    pub mac: String,
+    /// The link MTU the guest is offered (VIRTIO_NET_F_MTU).
+    #[serde(default = "default_net_mtu")]
+    pub mtu: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// What the guest mounts (`mount -t virtiofs TAG DIR`): at most `MAX_FS_TAG` bytes.
+    pub tag: String,
+    /// The host directory shared; nothing outside it is reachable through the device.
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
 impl<'de> Deserialize<'de> for DeviceConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
@@ -120,7 +157,12 @@ impl<'de> Deserialize<'de> for DeviceConfig {
             "rng" if map.is_empty() => Ok(DeviceConfig::Rng),
             "rng" => Err(D::Error::custom("an rng device has no settings")),
             "vsock" => fields::<_, D::Error>(map).map(DeviceConfig::Vsock),
-            other => Err(D::Error::unknown_variant(other, &["disk", "rng", "vsock"])),
+            "net" => fields::<_, D::Error>(map).map(DeviceConfig::Net),
+            "fs" => fields::<_, D::Error>(map).map(DeviceConfig::Fs),
+            other => Err(D::Error::unknown_variant(
+                other,
+                &["disk", "rng", "vsock", "net", "fs"],
+            )),
         }
     }
 }
@@ -133,6 +175,9 @@ fn default_memory_mib() -> u64 {
 }
 fn default_cid() -> u64 {
     GUEST_CID
+}
+fn default_net_mtu() -> u16 {
+    DEFAULT_NET_MTU
 }
 fn is_false(b: &bool) -> bool {
     !*b
@@ -225,6 +270,7 @@ impl VmConfig {
             return Err(invalid("kernel", "a kernel path is needed".into()));
         }
         let mut vsock_seen = false;
+        let mut fs_tags = std::collections::HashSet::new();
         for (i, device) in self.devices.iter().enumerate() {
             let field = |name: &str| format!("devices[{i}].{name}");
             match device {
@@ -255,6 +301,36 @@ impl VmConfig {
                         return Err(invalid(&field("socket"), "a socket path is needed".into()));
                     }
                 }
+                DeviceConfig::Net(net) => {
+                    if net.socket.as_os_str().is_empty() {
+                        return Err(invalid(&field("socket"), "a socket path is needed".into()));
+                    }
+                    parse_mac(&net.mac).map_err(|p| invalid(&field("mac"), p))?;
+                    if net.mtu < MIN_NET_MTU || net.mtu > DEFAULT_NET_MTU {
+                        return Err(invalid(
+                            &field("mtu"),
+                            format!(
+                                "{}: choose between {MIN_NET_MTU} and {DEFAULT_NET_MTU}",
+                                net.mtu
+                            ),
+                        ));
+                    }
+                }
+                DeviceConfig::Fs(fs) => {
+                    check_fs_tag(&fs.tag).map_err(|p| invalid(&field("tag"), p))?;
+                    if !fs_tags.insert(fs.tag.as_str()) {
+                        return Err(invalid(
+                            &field("tag"),
+                            format!("{:?} is the tag of an earlier share", fs.tag),
+                        ));
+                    }
+                    if !fs.path.is_absolute() {
+                        return Err(invalid(
+                            &field("path"),
+                            format!("{}: a share's path must be absolute", fs.path.display()),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -275,6 +351,45 @@ impl VmConfig {
             _ => None,
         })
     }
+}
+
+/// The six bytes of a MAC address written `52:54:00:12:34:56`; `Err(problem)` otherwise.
+pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{mac:?} is not a MAC address like 52:54:00:12:34:56");
+    let mut bytes = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut bytes {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if bytes[0] & 1 != 0 {
+        return Err(format!(
+            "{mac:?} is a multicast address: a NIC needs a unicast one"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `Err(problem)` unless `tag` is a usable virtio-fs tag: 1 to `MAX_FS_TAG` bytes of printable
+/// ASCII without spaces or commas (the agent's command line lists tags).
+pub fn check_fs_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.len() > MAX_FS_TAG {
+        return Err(format!(
+            "{tag:?}: a virtio-fs tag is 1 to {MAX_FS_TAG} bytes"
+        ));
+    }
+    if !tag.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        return Err(format!(
+            "{tag:?}: a virtio-fs tag is printable ASCII without spaces or commas"
+        ));
+    }
+    Ok(())
 }
 
 /// `Err(problem)` unless `serial` fits a virtio-blk serial: printable ASCII, at most
@@ -356,6 +471,16 @@ mod tests {
                 DeviceConfig::Vsock(VsockConfig {
                     cid: GUEST_CID,
                     socket: "/h/run/vsock.sock".into(),
+                }),
+                DeviceConfig::Net(NetConfig {
+                    socket: "/h/run/passt.sock".into(),
+                    mac: "52:54:00:12:34:56".into(),
+                    mtu: DEFAULT_NET_MTU,
+                }),
+                DeviceConfig::Fs(FsConfig {
+                    tag: "berth-share-0".into(),
+                    path: "/home/u".into(),
+                    read_only: false,
                 }),
             ],
             serial_log: Some("/h/logs/console.log".into()),
@@ -474,5 +599,61 @@ mod tests {
         assert!(disk(",ro").is_err());
         assert!(disk("a.img,serial=has space").is_err());
         assert!(disk("a.img,serial=abcdefghijklmnopqrstu").is_err());
+    }
+
+    #[test]
+    fn net_and_fs_devices_are_checked_by_field() {
+        let err = |json: &str| chain(&VmConfig::from_json(json.as_bytes()).unwrap_err());
+        let net = |mac: &str, mtu: u32| {
+            format!(
+                r#"{{"kernel": "/k", "devices": [{{"type": "net", "socket": "/s", "mac": "{mac}", "mtu": {mtu}}}]}}"#
+            )
+        };
+        assert!(VmConfig::from_json(net("52:54:00:12:34:56", 1500).as_bytes()).is_ok());
+        let e = err(&net("52:54:00:12:34", 1500));
+        assert!(
+            e.contains("devices[0].mac") && e.contains("not a MAC address"),
+            "{e}"
+        );
+        let e = err(&net("01:54:00:12:34:56", 1500));
+        assert!(e.contains("multicast"), "{e}");
+        let e = err(&net("52:54:00:12:34:56", 576));
+        assert!(e.contains("devices[0].mtu") && e.contains("1280"), "{e}");
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:0f").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]
+        );
+
+        let fs = |tag: &str, path: &str| {
+            format!(r#"{{"type": "fs", "tag": "{tag}", "path": "{path}"}}"#)
+        };
+        let two = format!(
+            r#"{{"kernel": "/k", "devices": [{}, {}]}}"#,
+            fs("home", "/home/u"),
+            fs("home", "/tmp")
+        );
+        let e = err(&two);
+        assert!(
+            e.contains("devices[1].tag") && e.contains("earlier share"),
+            "{e}"
+        );
+        let e = err(&format!(
+            r#"{{"kernel": "/k", "devices": [{}]}}"#,
+            fs("a", "rel/dir")
+        ));
+        assert!(
+            e.contains("devices[0].path") && e.contains("absolute"),
+            "{e}"
+        );
+        let long = "t".repeat(MAX_FS_TAG + 1);
+        let e = err(&format!(
+            r#"{{"kernel": "/k", "devices": [{}]}}"#,
+            fs(&long, "/x")
+        ));
+        assert!(e.contains("devices[0].tag"), "{e}");
+        let e = err(
+            r#"{"kernel": "/k", "devices": [{"type": "fs", "tag": "a", "path": "/x", "cache": 1}]}"#,
+        );
+        assert!(e.contains("cache"), "{e}");
     }
 }

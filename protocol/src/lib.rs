@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+pub mod cmdline;
+pub mod ports;
 mod shell;
 pub use shell::{
     read_shell_frame, write_shell_frame, write_stdin, ShellFrame, ShellOutput, EXIT_CANNOT_RUN,
