@@ -4,7 +4,7 @@
 #
 #   eval "$(tests/setup.sh)"      # or: tests/setup.sh >/dev/null && . ~/.cache/berth/env.sh
 #
-#   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER, BERTH_VSOCK_STRESS  release binaries
+#   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER, BERTH_VSOCK_STRESS, BERTH_NET_PROBE  release binaries
 #   BERTH_KERNEL            the guest kernel (PVH vmlinux)
 #   BERTH_ROOTFS            the read-only root image (ext4)
 #   BERTH_TEST_HOST_KERNEL  the nested rig's kernel (vmlinux)
@@ -33,9 +33,12 @@ phase() {
 
 # 1. Debian packages.
 # busybox-static: the e2e tests and benchmarks make their container images from it (no registry
-# is reachable); bsdutils: `script`, the pseudo-terminal for `docker run -it`.
+# is reachable); bsdutils: `script`, the pseudo-terminal for `docker run -it`; passt: the VM's
+# network; dnsmasq-base, iperf3, inotify-tools: the servers, load and watchers of the network and
+# share tests.
 packages=(qemu-system-x86 debootstrap curl jq linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
-  xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils)
+  xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils
+  passt dnsmasq-base iperf3 inotify-tools)
 # The docker CLI the tests drive: whichever is on PATH, else Debian's (docker.io carries it).
 command -v docker >/dev/null || packages+=(docker.io)
 missing=()
@@ -58,7 +61,7 @@ fi
 target=${CARGO_TARGET_DIR:-$repo/target}
 case "$target" in /*) ;; *) target=$repo/$target ;; esac
 (cd "$repo" && cargo build --release --workspace --bins >&2)
-for bin in berth-vmm berth-agent boot-timer vsock-stress; do
+for bin in berth-vmm berth-agent boot-timer vsock-stress net-probe; do
   [ -x "$target/release/$bin" ] || die "cargo build did not produce $target/release/$bin"
 done
 phase "cargo build"
@@ -85,6 +88,7 @@ env_file=$CACHE/env.sh
   printf 'export BERTH_AGENT=%q\n' "$target/release/berth-agent"
   printf 'export BERTH_BOOT_TIMER=%q\n' "$target/release/boot-timer"
   printf 'export BERTH_VSOCK_STRESS=%q\n' "$target/release/vsock-stress"
+  printf 'export BERTH_NET_PROBE=%q\n' "$target/release/net-probe"
   printf 'export BERTH_KERNEL=%q\n' "$guest_kernel/vmlinux"
   printf 'export BERTH_ROOTFS=%q\n' "$rootfs"
   printf 'export BERTH_TEST_HOST_KERNEL=%q\n' "$test_host_kernel/vmlinux"

@@ -19,6 +19,18 @@ berth_fresh_home() {
   rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
 }
 
+# check NAME COMMAND...: runs COMMAND, prints `ok NAME` or `FAIL NAME (exit N)` and its output
+# indented by `  | ` (tests/src/lib.rs `e2e_checks` reads them); a failure sets failed=1.
+failed=0
+check() {
+  local name=$1; shift
+  local out status
+  out=$("$@" 2>&1); status=$?
+  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; failed=1; fi
+  printf '%s\n' "$out" | sed 's/^/  | /'
+  return "$status"
+}
+
 # berth_guest_cpus: the vCPUs of the Berth VM these scripts start: $BERTH_TEST_CPUS, else 2 on
 # a machine with hardware KVM and 1 in the nested rig. There, a guest with two vCPUs dies within
 # minutes of container work: runc flips kernel static keys (cgroup BPF, memcg) and the text

@@ -11,15 +11,6 @@ berth_fresh_home berth-e2e-home
 export DOCKER_BUILDKIT=0
 work=$(mktemp -d)
 
-failed=0
-check() {
-  local name=$1; shift
-  local out status
-  out=$("$@" 2>&1); status=$?
-  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; failed=1; fi
-  printf '%s\n' "$out" | sed 's/^/  | /'
-  return "$status"
-}
 
 check config berth config set cpus "$(berth_guest_cpus)"
 berth config set memory_mib 1024 >/dev/null

@@ -42,6 +42,13 @@ mnt -t tmpfs -o mode=1777 tmpfs /tmp
 mnt -t tmpfs -o mode=1777 tmpfs /var/tmp
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 ip link set lo up 2>/dev/null
+# passt (a Berth VM's network) needs a host interface with an address and a default route; the
+# test host has only lo and the kernel's dummy0. Traffic for elsewhere goes nowhere, as it
+# should: every server the tests reach lives on this test host.
+if ip link show dummy0 >/dev/null 2>&1; then
+  ip addr add 10.0.2.15/24 dev dummy0 && ip link set dummy0 up && ip route add default via 10.0.2.2 \
+    || echo "rig: cannot configure dummy0 for passt" >&2
+fi
 
 # berth.rig_scratch=PATH and berth.rig_share.N=PATH name the writable shares by their host paths.
 scratch=

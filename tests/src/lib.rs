@@ -189,6 +189,111 @@ pub fn guest_reset(stdout: &str) -> Option<&str> {
     })
 }
 
+/// One check of an e2e script: whether it passed and what it printed.
+#[derive(Debug, Clone, Default)]
+pub struct Check {
+    pub ok: bool,
+    pub output: String,
+}
+
+/// The checks an e2e script reported, by name, from its `ok NAME` / `FAIL NAME` lines and the
+/// `  | ` lines of output under each.
+pub fn e2e_checks(stdout: &str) -> HashMap<String, Check> {
+    let mut checks = HashMap::new();
+    let mut current: Option<String> = None;
+    for line in stdout.lines() {
+        let verdict = line
+            .strip_prefix("ok ")
+            .map(|rest| (true, rest))
+            .or_else(|| line.strip_prefix("FAIL ").map(|rest| (false, rest)));
+        if let Some((ok, rest)) = verdict {
+            let name = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            checks.insert(
+                name.clone(),
+                Check {
+                    ok,
+                    output: String::new(),
+                },
+            );
+            current = Some(name);
+        } else if let (Some(name), Some(out)) = (&current, line.strip_prefix("  | ")) {
+            if let Some(check) = checks.get_mut(name) {
+                check.output.push_str(out);
+                check.output.push('\n');
+            }
+        }
+    }
+    checks
+}
+
+/// Runs of an e2e script at most, when the guest keeps resetting itself.
+pub const E2E_ATTEMPTS: u32 = 3;
+
+/// The outcome of an e2e script: its process output, its stdout as text, and its checks.
+#[derive(Debug)]
+pub struct E2eRun {
+    pub output: Output,
+    pub stdout: String,
+    pub checks: HashMap<String, Check>,
+}
+
+impl E2eRun {
+    /// Panics unless check `name` ran, passed and printed `needle`.
+    pub fn expect(&self, name: &str, needle: &str) {
+        let check = self
+            .checks
+            .get(name)
+            .unwrap_or_else(|| panic!("step {name} never ran; output above"));
+        assert!(check.ok, "step {name} failed:\n{}", check.output);
+        assert!(
+            check.output.contains(needle),
+            "step {name}: expected {needle:?} in:\n{}",
+            check.output
+        );
+    }
+}
+
+/// Runs the e2e script `tests/e2e/NAME` (`bash`, on the VM host) with `timeout`, and prints its
+/// stdout. A run in which the guest reset itself (the script says `e2e: GUEST-RESET`; nothing
+/// asked for a reboot) is repeated, loudly and on the suite's record, up to [`E2E_ATTEMPTS`] runs
+/// in all: the emulated rig's failure (see berth_guest_cpus in e2e/berth-home.sh). Any other
+/// failure counts at once.
+pub fn run_e2e_script(name: &str, timeout: Duration) -> E2eRun {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e").join(name);
+    let mut attempt = 1;
+    loop {
+        let output = run_in_vm_host_for(&format!("bash {}", script.display()), timeout);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        println!("{stdout}");
+        let reset = match guest_reset(&stdout) {
+            Some(evidence) if attempt < E2E_ATTEMPTS => evidence.to_owned(),
+            _ => {
+                let checks = e2e_checks(&stdout);
+                return E2eRun {
+                    output,
+                    stdout,
+                    checks,
+                };
+            }
+        };
+        eprintln!(
+            "WARNING: the guest reset itself during e2e run {attempt} of {name}; running it again"
+        );
+        record_retry(
+            RetryKind::GuestReset,
+            &format!("e2e tests/e2e/{name}"),
+            attempt,
+            E2E_ATTEMPTS,
+            &reset,
+        );
+        attempt += 1;
+    }
+}
+
 /// One `berth-vmm` run inside a script made by [`vmm_run_script`]: its console and exit status.
 #[derive(Debug, Clone, Default)]
 pub struct VmRun {
