@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# End to end on a VM host (this machine with hardware KVM, else the nested rig's test host):
+# published ports (TCP, UDP, IPv4 and IPv6, loopback-only, random ports, a taken port, 200
+# parallel checksummed connections), the containers' way out (host.docker.internal, a resolver
+# and a server on the test host, passt killed and back), and host folders shared at the same
+# path (serve, host edits seen at once, a single-file bind mount, container writes, read-only
+# share, escapes refused). Every server it reaches runs on the test host itself: its loopback,
+# dnsmasq, a network namespace. Prints `ok NAME` / `FAIL NAME` per check for
+# tests/tests/ports_shares.rs. Needs the BERTH_* variables of tests/setup.sh; runs as root (it
+# makes a network namespace and its own mount namespace for the test resolver).
+set -uo pipefail
+
+# A private mount namespace: the test resolver is bound over /etc/resolv.conf in it only.
+if [ -z "${BERTH_E2E_UNSHARED:-}" ]; then
+  BERTH_E2E_UNSHARED=1 exec unshare --mount --propagation private bash "$0" "$@"
+fi
+
+# shellcheck source=tests/e2e/berth-home.sh
+. "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
+berth_fresh_home berth-ports-home
+# Under the system temp directory, which Berth shares by default.
+work=$(mktemp -d "${TMPDIR:-/tmp}/berth-ports-XXXXXX")
+ro_share=/var/tmp/berth-ro-share
+secret_dir=/run/berth-secret
+pids=()
+cleanup() {
+  [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null
+  ip netns del berth-srv 2>/dev/null
+  rm -rf "$work" "$ro_share" "$secret_dir"
+}
+trap cleanup EXIT
+
+# curl against the host's published ports: short timeouts, the body on stdout.
+get() { curl -sS --max-time 20 "$@"; }
+# refused URL: the connection must fail (nothing listens), not hang or answer.
+refused() {
+  local code
+  code=$(curl -sS -o /dev/null --max-time 10 -w '%{http_code}' "$1" 2>&1)
+  echo "curl $1: $code"
+  case "$code" in *"Connection refused"*|*"Couldn't connect"*|*"Failed to connect"*) return 0 ;; esac
+  return 1
+}
+
+# --- The test host's servers --------------------------------------------------------------
+mkdir -p "$work/hostsite" "$secret_dir"
+echo served-by-the-test-host > "$work/hostsite/host.txt"
+echo host-secret-outside-every-share > "$secret_dir/secret.txt"
+busybox httpd -f -p 127.0.0.1:18099 -h "$work/hostsite" & pids+=($!)
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 --bind-interfaces \
+  --port=53 --address=/berth-test.internal/10.9.8.7 --log-facility=- 2> "$work/dnsmasq.log" & pids+=($!)
+printf 'nameserver 127.0.0.1\n' > "$work/resolv.conf"
+mount --bind "$work/resolv.conf" /etc/resolv.conf
+ip netns add berth-srv
+ip link add berth-veth0 type veth peer name berth-veth1 netns berth-srv
+ip addr add 10.55.0.1/24 dev berth-veth0 && ip link set berth-veth0 up
+ip -n berth-srv addr add 10.55.0.2/24 dev berth-veth1
+ip -n berth-srv link set berth-veth1 up && ip -n berth-srv link set lo up
+mkdir -p "$work/nssite" && echo served-from-a-network-namespace > "$work/nssite/ns.txt"
+ip netns exec berth-srv busybox httpd -f -p 10.55.0.2:80 -h "$work/nssite" & pids+=($!)
+
+# --- Berth, with a read-only share beside the default ones --------------------------------
+mkdir -p "$ro_share" && echo read-only-content > "$ro_share/ro.txt"
+check config berth config set cpus "$(berth_guest_cpus)"
+berth config set memory_mib 1024 >/dev/null
+berth config set disk_size_gib 8 >/dev/null
+check config-shares berth config set shares "$HOME,${TMPDIR:-/tmp},$ro_share:ro"
+check start berth start --timeout 300 --no-docker-context || {
+  berth_show_logs
+  exit 1
+}
+export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
+
+# An image made offline: busybox-static and net-probe with the libraries it links.
+tree=$work/image
+mkdir -p "$tree/bin" "$tree/tmp" "$tree/www"
+cp /bin/busybox "$tree/bin/busybox"
+for applet in sh echo cat sleep ls wc sha256sum head httpd wget nslookup mkdir touch rm mv stat id \
+  find sort xargs dd chown chmod ln test; do
+  ln -s busybox "$tree/bin/$applet"
+done
+cp "$BERTH_NET_PROBE" "$tree/bin/net-probe"
+for lib in $(ldd "$BERTH_NET_PROBE" | grep -oE '/[^ ]+'); do cp --parents -L "$lib" "$tree"; done
+check import sh -c "tar -C '$tree' -c . | docker import - berth-test/net:latest"
+img=berth-test/net
+
+# --- Published ports -----------------------------------------------------------------------
+mkdir -p "$work/site"
+echo hello-from-the-share > "$work/site/index.html"
+httpd_cmd=(httpd -f -p 80 -h /www)
+check run-web1 docker run -d --name web1 -p 8080:80 -v "$work/site:/www" "$img" "${httpd_cmd[@]}"
+check run-web2 docker run -d --name web2 -p 8081:80 -v "$work/site:/www" "$img" "${httpd_cmd[@]}"
+check two-ports-at-once sh -c "curl -sS --max-time 20 http://127.0.0.1:8080/index.html & curl -sS --max-time 20 http://127.0.0.1:8081/index.html; wait"
+check ipv6-loopback get "http://[::1]:8080/index.html"
+check docker-port docker port web1
+check random-port sh -c "docker run -d --name web3 -p 80 -v '$work/site:/www' $img ${httpd_cmd[*]} >/dev/null && port=\$(docker port web3 80/tcp | head -n 1 | sed 's/.*://') && echo \"random port \$port\" && curl -sS --max-time 20 http://127.0.0.1:\$port/index.html"
+check loopback-only docker run -d --name web4 -p 127.0.0.1:8082:80 -v "$work/site:/www" "$img" "${httpd_cmd[@]}"
+check loopback-only-answers get http://127.0.0.1:8082/index.html
+other_ip=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); print $4; exit }')
+check loopback-only-not-elsewhere refused "http://$other_ip:8082/index.html"
+check status-lists-ports sh -c "berth status --json | jq -c '.ports' && berth status --json | jq -e '[.ports[] | select(.host_port == 8080 and .container_port == 80)] | length > 0'"
+check stop-closes-port sh -c "docker stop -t 1 web2 >/dev/null && $(declare -f refused); refused http://127.0.0.1:8081/index.html"
+
+# A host port already taken: docker run fails as on native Docker, the container is not left
+# running, and the next port works.
+"$BERTH_NET_PROBE" tcp-echo 8090 2> /dev/null & pids+=($!)
+sleep 0.5
+check port-taken sh -c "! docker run -d --name taken -p 8090:80 $img ${httpd_cmd[*]}"
+check port-taken-not-running sh -c "state=\$(docker inspect -f '{{.State.Running}} {{.State.Status}}' taken); echo \"\$state\"; [ \"\${state%% *}\" = false ]"
+check next-port-works sh -c "docker rm -f taken >/dev/null; docker run -d --name next -p 8091:80 -v '$work/site:/www' $img ${httpd_cmd[*]} >/dev/null && curl -sS --max-time 20 http://127.0.0.1:8091/index.html"
+
+# UDP: datagrams kept whole.
+check run-udp docker run -d --name udp -p 5353:5353/udp "$img" net-probe udp-echo 5353
+check udp-round-trip "$BERTH_NET_PROBE" udp-check 127.0.0.1:5353 1 1400
+
+# 200 parallel connections, 1 MiB each way, checksummed, beside one client that never reads.
+check run-echo docker run -d --name echo -p 8095:7 "$img" net-probe tcp-echo 7
+check run-echo2 docker run -d --name echo2 -p 8096:7 "$img" net-probe tcp-echo 7
+check parallel-200 "$BERTH_NET_PROBE" tcp-load 127.0.0.1:8095 200 1048576 --stall
+# A container killed mid-transfer resets only its own connections.
+"$BERTH_NET_PROBE" tcp-load 127.0.0.1:8096 8 268435456 > "$work/killed.out" 2>&1 &
+killed_load=$!
+sleep 3
+check killed-mid-transfer sh -c "docker kill echo2 >/dev/null && '$BERTH_NET_PROBE' tcp-load 127.0.0.1:8095 20 1048576"
+check killed-load-failed sh -c "wait_for=60; while kill -0 $killed_load 2>/dev/null && [ \$wait_for -gt 0 ]; do sleep 1; wait_for=\$((wait_for - 1)); done; cat '$work/killed.out'; ! grep -q 'checksums ok' '$work/killed.out' && grep -q 'error' '$work/killed.out'"
+
+# --- The way out ---------------------------------------------------------------------------
+check host-docker-internal docker run --rm "$img" wget -qO- http://host.docker.internal:18099/host.txt
+check user-network docker network create berth-net1
+check host-docker-internal-user-network docker run --rm --network berth-net1 "$img" wget -qO- http://host.docker.internal:18099/host.txt
+check host-gateway docker run --rm --add-host=hgw:host-gateway "$img" wget -qO- http://hgw:18099/host.txt
+check dns-default-bridge docker run --rm "$img" nslookup berth-test.internal
+check dns-user-network docker run --rm --network berth-net1 "$img" nslookup berth-test.internal
+check netns-server docker run --rm "$img" wget -qO- http://10.55.0.2/ns.txt
+# passt killed while the VM runs: the host proxy starts it again and the guest's way out comes
+# back; published ports never went through it.
+check kill-passt sh -c 'pkill -9 -x passt && echo killed passt'
+check port-while-passt-restarts get http://127.0.0.1:8080/index.html
+check way-out-after-passt sh -c "for i in \$(seq 30); do docker run --rm $img wget -qO- -T 5 http://host.docker.internal:18099/host.txt && exit 0; sleep 2; done; exit 1"
+
+# --- Shares at the same path ---------------------------------------------------------------
+check share-serves get http://127.0.0.1:8080/index.html
+echo changed-on-the-host > "$work/site/index.html"
+check host-edit-seen-at-once get http://127.0.0.1:8080/index.html
+echo first-version > "$work/test.txt"
+check run-seed docker run -d --name seed -p 8083:80 -v "$work/test.txt:/www/test.txt" "$img" "${httpd_cmd[@]}"
+check single-file-first get http://127.0.0.1:8083/test.txt
+echo changed > "$work/test.txt"
+check single-file-edited get http://127.0.0.1:8083/test.txt
+mkdir -p "$work/out"
+check container-writes docker run --rm -v "$work/out:/out" "$img" sh -c 'echo from-a-container > /out/c.txt && mkdir /out/d && touch /out/d/e && chown 1234:1234 /out/c.txt; echo chown-status $?'
+check host-reads-container-file cat "$work/out/c.txt"
+check container-files-owner sh -c "owner=\$(stat -c %u:%g '$work/out/c.txt' '$work/out/d'); echo \"\$owner\"; want=\$(stat -c %u:%g '$work'); [ \"\$(echo \"\$owner\" | sort -u)\" = \"\$want\" ]"
+dd if=/dev/urandom of="$work/big.bin" bs=1M count=256 status=none
+check big-file-read sh -c "host=\$(sha256sum < '$work/big.bin' | cut -d' ' -f1); guest=\$(docker run --rm -v '$work:$work' $img sh -c 'sha256sum < $work/big.bin' | cut -d' ' -f1); echo \"host \$host guest \$guest\"; [ -n \"\$host\" ] && [ \"\$host\" = \"\$guest\" ]"
+check big-file-write sh -c "docker run --rm -v '$work:$work' $img sh -c 'dd if=$work/big.bin of=$work/big-copy.bin bs=1M 2>/dev/null' && cmp '$work/big.bin' '$work/big-copy.bin' && echo copied-256MiB-identical"
+mkdir -p "$work/many"
+for d in $(seq 0 199); do mkdir "$work/many/d$d"; for f in $(seq 0 99); do echo "file $d $f" > "$work/many/d$d/f$f"; done; done
+check many-files sh -c "host=\$(cd '$work/many' && find . -type f | sort | xargs cat | sha256sum | cut -d' ' -f1); guest=\$(docker run --rm -v '$work/many:/m' -w /m $img sh -c 'find . -type f | sort | xargs cat | sha256sum' | cut -d' ' -f1); n=\$(docker run --rm -v '$work/many:/m' $img sh -c 'find /m -type f | wc -l'); echo \"files \$n host \$host guest \$guest\"; [ \"\$n\" = 20000 ] && [ \"\$host\" = \"\$guest\" ]"
+check read-only-share-reads docker run --rm -v "$ro_share:/ro" "$img" cat /ro/ro.txt
+check read-only-share-refuses sh -c "out=\$(docker run --rm -v '$ro_share:/ro' $img sh -c 'echo x > /ro/new.txt' 2>&1); echo \"\$out\"; [ ! -e '$ro_share/new.txt' ] && echo \"\$out\" | grep -qi 'read-only'"
+mkdir -p "$work/esc"
+ln -s "$secret_dir/secret.txt" "$work/esc/absolute-link"
+ln -s "../../../../../../../..$secret_dir/secret.txt" "$work/esc/relative-link"
+check escapes-refused sh -c "out=\$(docker run --rm -v '$work/esc:/esc' $img sh -c 'cat /esc/absolute-link; cat /esc/relative-link; cat /esc/../../../..$secret_dir/secret.txt; ls -la /esc' 2>&1); echo \"\$out\"; ! echo \"\$out\" | grep -q host-secret"
+
+check final-stop berth stop
+check ports-closed-after-stop refused http://127.0.0.1:8080/index.html
+berth_report_guest_reset e2e
+if [ "$failed" = 1 ]; then
+  berth_show_logs
+  for log in passt.log; do [ -f "$BERTH_HOME/logs/$log" ] && { echo "--- $log (last 30 lines)"; tail -n 30 "$BERTH_HOME/logs/$log"; }; done
+fi
+exit "$failed"
