@@ -15,9 +15,11 @@ mod control;
 mod daemons;
 mod datadisk;
 mod disks;
+mod dns;
 mod events;
 mod logfile;
 mod mounts;
+mod netlink;
 mod network;
 mod power;
 mod pty;
@@ -135,6 +137,22 @@ fn boot() -> anyhow::Result<Booted> {
     network::loopback_up()?;
     let data = datadisk::setup(&config.data)
         .with_context(|| format!("set up {}", datadisk::MOUNT_POINT))?;
+    if let Some(net) = &config.net {
+        match network::bring_up(net, &config.hostname) {
+            Ok(()) => {
+                console::say(&format!(
+                    "{} {}/{} via {}, mtu {}",
+                    network::GUEST_INTERFACE,
+                    net.address,
+                    net.prefix_len,
+                    net.gateway,
+                    net.mtu
+                ));
+                daemons::set_host_gateway(net.gateway);
+            }
+            Err(e) => console::warn(&format!("no network: {}", console::chain(&e))),
+        }
+    }
     Ok(Booted { config, data })
 }
 
