@@ -26,6 +26,7 @@ mod pty;
 mod readiness;
 mod reaper;
 mod services;
+mod shares;
 mod shell;
 mod signals;
 mod splice;
@@ -137,6 +138,7 @@ fn boot() -> anyhow::Result<Booted> {
     network::loopback_up()?;
     let data = datadisk::setup(&config.data)
         .with_context(|| format!("set up {}", datadisk::MOUNT_POINT))?;
+    shares::mount_all(&config.shares);
     if let Some(net) = &config.net {
         match network::bring_up(net, &config.hostname) {
             Ok(()) => {
