@@ -435,4 +435,65 @@ mod tests {
         assert_eq!(find_in_guest(&base.join("nothing")), Found::Missing);
         std::fs::remove_dir_all(base).unwrap();
     }
+
+    /// The mount steps against the real kernel, in a private mount namespace of a test thread:
+    /// the tmpfs, the directories on it, a virtio-fs mount that fails here (no such device or
+    /// tag) with a message naming its target, and the read-only remount.
+    #[test]
+    fn mount_steps_in_a_private_mount_namespace() {
+        let base = std::env::temp_dir().join(format!("berth-agent-mnt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("home")).unwrap();
+        let home = base.join("home");
+        let outcome = std::thread::spawn(move || {
+            // SAFETY: unshare with a constant flag; it only changes this thread's namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: null source, type and data are allowed for a propagation change.
+            let rc = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            let target = home.join("alice/src");
+            let p = Planned {
+                share: share("berth-no-such-tag", target.to_str().unwrap()),
+                tmpfs: Some(home.clone()),
+                make_dirs: true,
+            };
+            let mut done = BTreeSet::new();
+            let err = mount_one(&p, &mut done).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("mount virtiofs on") && text.contains("alice/src"),
+                "{text}"
+            );
+            assert!(done.contains(&home));
+            assert!(target.is_dir(), "the mount point was made on the tmpfs");
+            let table = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+            let tmpfs = mounts::parse_mountinfo(&table)
+                .into_iter()
+                .any(|e| e.mount_point == home && e.fstype == "tmpfs");
+            assert!(tmpfs, "{table}");
+            remount_read_only(&home).unwrap();
+            let write = std::fs::create_dir(home.join("bob")).unwrap_err();
+            assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
+            Ok(())
+        })
+        .join()
+        .unwrap();
+        // The namespace went with the thread: the tmpfs and what was made on it are gone.
+        assert!(!base.join("home/alice").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+        if let Err(e) = outcome {
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+            eprintln!("skipped: unshare(CLONE_NEWNS): {e}");
+        }
+    }
 }
