@@ -3,11 +3,13 @@
 //! Linux keeps dotted parameters such as `berth.data=serial:berth-data` out of init's argv and
 //! environment, so the agent reads the whole command line after mounting proc. Every key is
 //! optional. A PID 1 must not die on a typo: an unknown `berth.*` key or a bad value yields one
-//! warning and the default.
+//! warning and the default (for `berth.net`: no network; a bad `berth.share` is skipped, the
+//! others are kept, since every occurrence of that key adds a share).
 
 use std::path::PathBuf;
 
 use berth_machine::{DATA_DISK_SERIAL, MAX_DISK_SERIAL};
+use berth_protocol::cmdline::{GuestNet, GuestShare, NET_PARAM, SHARE_PARAM};
 
 /// The command line as the kernel exposes it.
 pub const CMDLINE_PATH: &str = "/proc/cmdline";
@@ -89,6 +91,11 @@ pub struct Config {
     /// `berth.docker=on|off`: whether containerd and dockerd are started after the readiness
     /// line (boot tests and the boot benchmark turn them off).
     pub docker: bool,
+    /// `berth.net`: eth0's address, gateway, upstream resolver and MTU; `None` (absent or
+    /// malformed) leaves the guest with loopback only.
+    pub net: Option<GuestNet>,
+    /// Every valid `berth.share` in command-line order (each occurrence adds one).
+    pub shares: Vec<GuestShare>,
 }
 
 impl Default for Config {
@@ -98,6 +105,8 @@ impl Default for Config {
             data: DataDisk::default(),
             on_ready: OnReady::Stay,
             docker: true,
+            net: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -172,10 +181,28 @@ impl Config {
                     return Err(format!("{shown}: expected on or off; using on"));
                 }
             },
+            NET_PARAM => match value.map(GuestNet::parse) {
+                Some(Ok(net)) => self.net = Some(net),
+                Some(Err(why)) => {
+                    self.net = None;
+                    return Err(format!("{why}; no network"));
+                }
+                None => {
+                    self.net = None;
+                    return Err(format!(
+                        "{shown}: expected ADDRESS/PREFIX,GATEWAY,DNS,MTU; no network"
+                    ));
+                }
+            },
+            SHARE_PARAM => match value.map(GuestShare::parse) {
+                Some(Ok(share)) => self.shares.push(share),
+                Some(Err(why)) => return Err(format!("{why}; share not mounted")),
+                None => return Err(format!("{shown}: expected TAG,rw|ro,PATH; ignored")),
+            },
             _ => {
                 return Err(format!(
                     "unknown command-line key {key} (known: {KEY_HOSTNAME}, {KEY_DATA}, \
-                     {KEY_ON_READY}, {KEY_DOCKER}); ignored"
+                     {KEY_ON_READY}, {KEY_DOCKER}, {NET_PARAM}, {SHARE_PARAM}); ignored"
                 ))
             }
         }
@@ -262,6 +289,7 @@ fn strip_quotes(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(cmdline: &str) -> Parsed {
         Config::parse(cmdline)
@@ -406,6 +434,53 @@ mod tests {
                 p.warnings[0]
             );
         }
+    }
+
+    #[test]
+    fn network_from_the_command_line() {
+        assert_eq!(parse("").config.net, None);
+        let p = parse("ro berth.net=192.168.127.2/24,192.168.127.1,192.168.127.53,65520 quiet");
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let net = p.config.net.expect("berth.net was given");
+        assert_eq!(net.address, std::net::Ipv4Addr::new(192, 168, 127, 2));
+        assert_eq!(net.prefix_len, 24);
+        assert_eq!(net.gateway, std::net::Ipv4Addr::new(192, 168, 127, 1));
+        assert_eq!(net.dns, std::net::Ipv4Addr::new(192, 168, 127, 53));
+        assert_eq!(net.mtu, 65520);
+        // Malformed: one line that says so, and no network rather than a half-configured one.
+        for bad in [
+            "berth.net=192.168.127.2/24,192.168.127.1,192.168.127.53,65520 \
+             berth.net=192.168.127.2/24,gw,1.1.1.1,1500",
+            "berth.net",
+            "berth.net=",
+        ] {
+            let p = parse(bad);
+            assert_eq!(p.config.net, None, "{bad}");
+            assert_eq!(p.warnings.len(), 1, "{bad}: {:?}", p.warnings);
+            assert!(p.warnings[0].contains("berth.net"), "{}", p.warnings[0]);
+            assert!(p.warnings[0].ends_with("no network"), "{}", p.warnings[0]);
+        }
+    }
+
+    #[test]
+    fn every_share_is_kept_and_a_bad_one_is_skipped() {
+        let p = parse(
+            "berth.share=berth-share-0,rw,/home/alice berth.share=bad \
+             berth.share=berth-share-1,ro,/tmp/My%20Dir",
+        );
+        assert_eq!(p.config.shares.len(), 2, "{:?}", p.config.shares);
+        assert_eq!(p.config.shares[0].tag, "berth-share-0");
+        assert!(!p.config.shares[0].read_only);
+        assert_eq!(p.config.shares[0].path, Path::new("/home/alice"));
+        assert_eq!(p.config.shares[1].path, Path::new("/tmp/My Dir"));
+        assert!(p.config.shares[1].read_only);
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("berth.share=bad"),
+            "{}",
+            p.warnings[0]
+        );
+        assert!(parse("").config.shares.is_empty());
     }
 
     #[test]

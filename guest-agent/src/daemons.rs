@@ -3,6 +3,7 @@
 //! read-only), and a `GET /_ping` probe of dockerd's socket.
 
 use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,10 +36,26 @@ pub enum Error {
     Ping(#[source] std::io::Error),
 }
 
+/// The gateway address dockerd puts for `host-gateway` (`--add-host=x:host-gateway`); set once
+/// by the init sequence when eth0 is up, before the supervisor writes daemon.json.
+static HOST_GATEWAY: std::sync::OnceLock<Ipv4Addr> = std::sync::OnceLock::new();
+
+/// Records the address `host-gateway` stands for (the first call wins).
+pub fn set_host_gateway(gateway: Ipv4Addr) {
+    let _ = HOST_GATEWAY.set(gateway);
+}
+
+/// Adds `host-gateway-ip` to a daemon.json value when the guest has a network.
+fn add_host_gateway(value: &mut serde_json::Value, gateway: Option<Ipv4Addr>) {
+    if let (Some(gateway), Some(map)) = (gateway, value.as_object_mut()) {
+        map.insert("host-gateway-ip".into(), gateway.to_string().into());
+    }
+}
+
 /// dockerd's configuration for a VM: state on the data disk, runtime state on tmpfs, the one
 /// socket the vsock splice serves, rotated container logs and a bounded shutdown.
 pub fn daemon_json() -> Result<String, Error> {
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "data-root": "/var/lib/docker",
         "exec-root": "/run/docker",
         "pidfile": "/run/docker.pid",
@@ -53,6 +70,7 @@ pub fn daemon_json() -> Result<String, Error> {
         // dockerd 20.10 keeps a key in /etc/docker by default, which is read-only here.
         "deprecated-key-path": "/var/lib/docker/key.json",
     });
+    add_host_gateway(&mut value, HOST_GATEWAY.get().copied());
     serde_json::to_string_pretty(&value).map_err(Error::Encode)
 }
 
@@ -162,6 +180,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn host_gateway_ip_only_with_a_network() {
+        let mut without = serde_json::json!({ "data-root": "/var/lib/docker" });
+        add_host_gateway(&mut without, None);
+        assert!(without.get("host-gateway-ip").is_none(), "{without}");
+        let mut with = without.clone();
+        add_host_gateway(&mut with, Some(Ipv4Addr::new(192, 168, 127, 1)));
+        assert_eq!(with["host-gateway-ip"], "192.168.127.1");
+        assert_eq!(with["data-root"], "/var/lib/docker");
     }
 
     #[test]

@@ -15,15 +15,18 @@ mod control;
 mod daemons;
 mod datadisk;
 mod disks;
+mod dns;
 mod events;
 mod logfile;
 mod mounts;
+mod netlink;
 mod network;
 mod power;
 mod pty;
 mod readiness;
 mod reaper;
 mod services;
+mod shares;
 mod shell;
 mod signals;
 mod splice;
@@ -135,6 +138,23 @@ fn boot() -> anyhow::Result<Booted> {
     network::loopback_up()?;
     let data = datadisk::setup(&config.data)
         .with_context(|| format!("set up {}", datadisk::MOUNT_POINT))?;
+    shares::mount_all(&config.shares);
+    if let Some(net) = &config.net {
+        match network::bring_up(net, &config.hostname) {
+            Ok(()) => {
+                console::say(&format!(
+                    "{} {}/{} via {}, mtu {}",
+                    network::GUEST_INTERFACE,
+                    net.address,
+                    net.prefix_len,
+                    net.gateway,
+                    net.mtu
+                ));
+                daemons::set_host_gateway(net.gateway);
+            }
+            Err(e) => console::warn(&format!("no network: {}", console::chain(&e))),
+        }
+    }
     Ok(Booted { config, data })
 }
 
