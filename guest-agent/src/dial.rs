@@ -242,6 +242,47 @@ mod tests {
     }
 
     #[test]
+    fn two_hundred_dials_at_once_each_get_their_own_answer() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in server.incoming() {
+                let mut conn = conn.unwrap();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    conn.read_to_end(&mut got).unwrap();
+                    conn.write_all(&got).unwrap();
+                });
+            }
+        });
+        let slots = Arc::new(Slots::default());
+        let mut hosts = Vec::new();
+        for i in 0..200u32 {
+            let (mut host, guest) = UnixStream::pair().unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let s = Arc::clone(&slots);
+            std::thread::spawn(move || serve(guest, &s).unwrap());
+            write_frame(&mut host, &tcp(port)).unwrap();
+            hosts.push((i, host));
+        }
+        for (i, host) in &mut hosts {
+            assert_eq!(
+                read_frame::<DialReply>(host).unwrap().unwrap(),
+                DialReply::Connected
+            );
+            host.write_all(format!("connection {i}").as_bytes())
+                .unwrap();
+            host.shutdown(Shutdown::Write).unwrap();
+        }
+        for (i, mut host) in hosts {
+            let mut back = String::new();
+            host.read_to_string(&mut back).unwrap();
+            assert_eq!(back, format!("connection {i}"));
+        }
+    }
+
+    #[test]
     fn a_closed_port_fails_with_the_reason() {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
