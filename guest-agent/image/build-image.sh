@@ -6,7 +6,8 @@
 # Stage 1 (slow, ~1 min, needs the Debian mirror): a debootstrap'ed bookworm tree with dockerd,
 # containerd and runc, trimmed, cached as $CACHE/rootfs/tree-<key>, where <key> hashes this
 # script's package list and stage-1 steps, so editing them rebuilds the tree.
-# Stage 2 (fast, seconds): that tree plus AGENT_BINARY as /sbin/init, written by `mkfs.ext4 -d`
+# Stage 2 (fast, seconds): that tree plus AGENT_BINARY as /sbin/init (and linked as dockerd's
+# userland proxy, /usr/libexec/berth/port-proxy), written by `mkfs.ext4 -d`
 # into $CACHE/rootfs/root-<key of tree + agent>.ext4. An existing image is reused.
 #
 # Both stages build under a temporary name and rename at the end, so an interrupted build never
@@ -56,6 +57,9 @@ stage1() {
 stage2() {
   local staging=$1 image=$2
   install -m 0755 -o 0 -g 0 "$agent" "$staging"/usr/sbin/init
+  # dockerd's userland-proxy-path: the agent recognises the name (argv[0]) and runs as the proxy.
+  install -d -m 0755 -o 0 -g 0 "$staging"/usr/libexec/berth
+  ln -s /usr/sbin/init "$staging"/usr/libexec/berth/port-proxy
   local kib files
   kib=$(du -sk --apparent-size "$staging" | cut -f1)
   files=$(find "$staging" -xdev | wc -l)

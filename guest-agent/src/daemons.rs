@@ -65,8 +65,10 @@ pub fn daemon_json() -> Result<String, Error> {
         "log-driver": "json-file",
         "log-opts": { "max-size": "10m", "max-file": "3" },
         "shutdown-timeout": SHUTDOWN_TIMEOUT_SECS,
-        // Published ports are reached through iptables DNAT; no docker-proxy per port.
-        "userland-proxy": false,
+        // One port proxy per published port: it listens in the guest as docker-proxy does and
+        // has the host proxy listen on the host for as long as it runs.
+        "userland-proxy": true,
+        "userland-proxy-path": crate::port_proxy::PATH,
         // dockerd 20.10 keeps a key in /etc/docker by default, which is read-only here.
         "deprecated-key-path": "/var/lib/docker/key.json",
     });
@@ -170,9 +172,13 @@ mod tests {
         assert_eq!(v["log-opts"]["max-size"], "10m");
         assert_eq!(v["log-opts"]["max-file"], "3");
         assert_eq!(v["shutdown-timeout"], 10);
-        assert_eq!(v["userland-proxy"], false);
-        // Nothing may point at the read-only root.
+        assert_eq!(v["userland-proxy"], true);
+        assert_eq!(v["userland-proxy-path"], "/usr/libexec/berth/port-proxy");
+        // Nothing may point at the read-only root (but the proxy program on it).
         for (key, value) in v.as_object().unwrap() {
+            if key == "userland-proxy-path" {
+                continue;
+            }
             if let Some(s) = value.as_str().filter(|s| s.starts_with('/')) {
                 assert!(
                     s.starts_with("/var/lib/") || s.starts_with("/run/"),

@@ -14,13 +14,16 @@ mod console;
 mod control;
 mod daemons;
 mod datadisk;
+mod dial;
 mod disks;
 mod dns;
 mod events;
+mod inet;
 mod logfile;
 mod mounts;
 mod netlink;
 mod network;
+mod port_proxy;
 mod power;
 mod pty;
 mod readiness;
@@ -51,6 +54,10 @@ struct Booted {
 }
 
 fn main() {
+    // dockerd's userland proxy is this binary under another name; nothing PID-1-ish runs then.
+    if let Some(status) = port_proxy::dispatch() {
+        std::process::exit(status);
+    }
     if std::process::id() != 1 {
         console::error("must run as PID 1 (the guest's /sbin/init); refusing to touch this system");
         std::process::exit(1);

@@ -1,5 +1,6 @@
-//! The agent's vsock services: one accept thread per port (Docker API splice, control, shell),
-//! one thread per connection, and the real `control::Guest` behind the control channel.
+//! The agent's vsock services: one accept thread per port (Docker API splice, control, shell,
+//! published-port dials), one thread per connection, and the real `control::Guest` behind the
+//! control channel.
 
 use std::ffi::CString;
 use std::os::unix::net::UnixStream;
@@ -7,13 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_protocol::ports::DIAL_PORT;
 use berth_protocol::{CONTROL_PORT, DOCKER_API_PORT, SHELL_PORT};
 
 use crate::control::{self, DiskUsage, Guest, Health};
 use crate::events::Bus;
 use crate::supervisor::Supervisor;
 use crate::vsock::{VsockListener, VsockStream};
-use crate::{console, daemons, datadisk, power, readiness, shell, splice};
+use crate::{console, daemons, datadisk, dial, power, readiness, shell, splice};
 
 /// Stack of a control or shell connection thread.
 const CONNECTION_STACK: usize = 256 * 1024;
@@ -126,7 +128,7 @@ fn statvfs(path: &'static str) -> Result<DiskUsage, control::Error> {
     })
 }
 
-/// Binds the three ports and starts their accept threads.
+/// Binds the four ports and starts their accept threads.
 pub fn start(guest: Arc<AgentGuest>) -> Result<(), Error> {
     listen(DOCKER_API_PORT, "docker-api", serve_docker_api)?;
     let g = Arc::clone(&guest);
@@ -138,9 +140,15 @@ pub fn start(guest: Arc<AgentGuest>) -> Result<(), Error> {
             console::warn(&format!("shell session: {}", console::chain(&e)));
         }
     })?;
+    let slots = Arc::new(dial::Slots::default());
+    listen(DIAL_PORT, "dial", move |s| {
+        // A failed dial was answered `Failed`; these are hosts that hung up or broke the
+        // protocol, which the host proxy logs on its side: nothing to say per connection.
+        let _ = dial::serve(s, &slots);
+    })?;
     console::say(&format!(
         "listening on vsock ports {DOCKER_API_PORT} (docker), {CONTROL_PORT} (control), \
-         {SHELL_PORT} (shell)"
+         {SHELL_PORT} (shell), {DIAL_PORT} (published ports)"
     ));
     Ok(())
 }

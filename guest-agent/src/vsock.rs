@@ -1,12 +1,16 @@
-//! AF_VSOCK sockets in the guest (listener and stream, on libc directly), and `Duplex`, the
-//! byte stream the services are written against so that tests can drive them over a
-//! `UnixStream` pair instead.
+//! AF_VSOCK sockets in the guest (listener, stream, a connection to the host, on libc
+//! directly), and `Duplex`, the byte stream the services are written against so that tests can
+//! drive them over a `UnixStream` pair instead.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// The host's context ID: where the guest connects to reach the host proxy.
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
 
 /// Pending connections per listener.
 const BACKLOG: libc::c_int = 128;
@@ -20,6 +24,8 @@ pub enum Error {
     Bind(u32, #[source] std::io::Error),
     #[error("listen on vsock port {0}")]
     Listen(u32, #[source] std::io::Error),
+    #[error("connect to vsock CID {0} port {1}")]
+    Connect(u32, u32, #[source] std::io::Error),
 }
 
 /// A connected byte stream that can be shared between a reading and a writing thread.
@@ -35,6 +41,39 @@ impl Duplex for UnixStream {
     fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
         UnixStream::shutdown(self, how)
     }
+}
+
+impl Duplex for TcpStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+}
+
+/// Sets (or with `None` clears) the receive timeout of any socket: a read that waits longer
+/// fails with `WouldBlock`.
+pub fn set_read_timeout(socket: &impl AsFd, timeout: Option<Duration>) -> std::io::Result<()> {
+    let timeout = timeout.unwrap_or(Duration::ZERO);
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+    };
+    // SAFETY: `tv` is a valid timeval and the length passed is its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A listening AF_VSOCK socket bound to `VMADDR_CID_ANY:<port>`.
@@ -113,6 +152,41 @@ impl VsockListener {
 #[derive(Debug)]
 pub struct VsockStream {
     file: File,
+}
+
+impl VsockStream {
+    /// Connects to `port` of context `cid` (`HOST_CID` for the host proxy). The kernel bounds
+    /// the wait (vsock's connect timeout, 2 s by default); no listener there is `ECONNRESET`
+    /// or `ECONNREFUSED`, depending on the VMM.
+    pub fn connect(cid: u32, port: u32) -> Result<VsockStream, Error> {
+        // SAFETY: socket(2) with constant arguments; the result is checked below.
+        let raw =
+            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(Error::Socket(std::io::Error::last_os_error()));
+        }
+        // SAFETY: socket just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is valid and fills the reserved fields.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = cid;
+        // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its exact size.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Connect(cid, port, std::io::Error::last_os_error()));
+        }
+        Ok(VsockStream {
+            file: File::from(fd),
+        })
+    }
 }
 
 impl Read for VsockStream {
