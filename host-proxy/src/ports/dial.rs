@@ -114,7 +114,10 @@ mod tests {
         write_datagram(&mut one, &[7; 1400]).await.unwrap();
         for cut in [1, one.len() - 1] {
             let mut torn = &one[..cut];
-            assert!(read_datagram(&mut torn, &mut buf).await.is_err(), "cut at {cut}");
+            assert!(
+                read_datagram(&mut torn, &mut buf).await.is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }
