@@ -457,6 +457,26 @@ mod tests {
     }
 
     #[test]
+    fn port_events_are_tagged_json_with_the_ports_fields() {
+        let port = ForwardedPort {
+            proto: Proto::Udp,
+            host_ip: "::".parse().unwrap(),
+            host_port: 5353,
+            container_ip: "172.17.0.2".parse().unwrap(),
+            container_port: 53,
+        };
+        let json = serde_json::to_value(PortEvent::PortUnpublished(port.clone())).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "event": "port_unpublished", "proto": "udp", "host_ip": "::",
+                "host_port": 5353, "container_ip": "172.17.0.2", "container_port": 53,
+            })
+        );
+        assert_eq!(port.to_string(), "udp [::]:5353 -> 172.17.0.2:53");
+    }
+
+    #[test]
     fn the_publish_socket_is_the_vsock_path_with_the_port() {
         assert_eq!(
             publish_socket_path(Path::new("/run/berth/vsock.sock")),

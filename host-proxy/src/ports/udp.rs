@@ -21,6 +21,9 @@ const FLOW_QUEUE: usize = 64;
 /// Bytes all of a port's flows may hold towards the guest; datagrams over it are dropped.
 const QUEUED_BYTES: usize = 16 << 20;
 
+/// Pause after a failed receive.
+const RECV_BACKOFF: Duration = Duration::from_millis(10);
+
 /// How a port's flows are bounded.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Limits {
@@ -73,8 +76,12 @@ pub(super) async fn serve(
                 Ok((len, peer)) => {
                     deliver(&port, &mut flows, tasks, limits.max_flows, peer, &buf[..len]);
                 }
-                // An ICMP error for an earlier send, reported on this socket: not fatal.
-                Err(e) => tracing::debug!("receive on published port {}: {e}", port.target.port),
+                // An ICMP error for an earlier send, reported on this socket: not fatal; the
+                // pause keeps an error that repeats from spinning.
+                Err(e) => {
+                    tracing::debug!("receive on published port {}: {e}", port.target.port);
+                    tokio::time::sleep(RECV_BACKOFF).await;
+                }
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
