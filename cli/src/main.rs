@@ -56,7 +56,8 @@ enum Command {
 enum ConfigCommand {
     /// Print the settings in effect and where each comes from.
     Show,
-    /// Change a setting: cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra.
+    /// Change a setting: cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra,
+    /// shares ("/home/u,/data:ro"; "" shares nothing), ports.bind_address (an IP address).
     Set { key: String, value: String },
     /// Reset a setting to its default.
     Unset { key: String },

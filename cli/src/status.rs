@@ -40,6 +40,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             } else {
                 println!("Berth is not running");
                 println!("settings:   {}", resources(&report.settings));
+                println!("shares:     {}", shares(&report.settings));
             }
         }
         lock::Status::Running { pid } => {
@@ -80,6 +81,22 @@ fn resources(settings: &Settings) -> String {
     )
 }
 
+/// The shared folders, `PATH` or `PATH (read-only)`, comma-separated.
+fn shares(settings: &Settings) -> String {
+    if settings.shares.is_empty() {
+        return "none".into();
+    }
+    let shares: Vec<String> = settings
+        .shares
+        .iter()
+        .map(|s| {
+            let mode = if s.read_only { " (read-only)" } else { "" };
+            format!("{}{mode}", s.path.display())
+        })
+        .collect();
+    shares.join(", ")
+}
+
 /// The first line: where the VM is, and why when it is not simply running.
 fn headline(status: &Status) -> String {
     let reason = status.state.reason.as_deref().unwrap_or("");
@@ -109,6 +126,7 @@ fn print_status(status: &Status) {
         println!("uptime:     {}", human_duration(up));
     }
     println!("settings:   {}", resources(&status.settings));
+    println!("shares:     {}", shares(&status.settings));
     if !matches!(status.state.state, VmState::Starting | VmState::Running) {
         return;
     }
@@ -169,6 +187,28 @@ pub fn print_config(path: &Path, config: &Config) {
     }
     if !config.cmdline_extra.is_empty() {
         println!("cmdline_extra = {:?}", config.cmdline_extra);
+    }
+    let from = if config.shares.is_some() {
+        "config file"
+    } else {
+        "the default: home and temporary directories"
+    };
+    match config.shares() {
+        Ok(shares) => {
+            let list: Vec<String> = shares
+                .iter()
+                .map(|s| {
+                    let mode = if s.read_only { ":ro" } else { "" };
+                    format!("{}{mode}", s.path.display())
+                })
+                .collect();
+            println!("shares = {:?}  # from {from}", list.join(","));
+        }
+        Err(e) => println!("# shares cannot be used: {e}"),
+    }
+    match config.ports_bind_address() {
+        Some(address) => println!("ports.bind_address = \"{address}\""),
+        None => println!("# ports.bind_address is not set: published ports use the default"),
     }
 }
 

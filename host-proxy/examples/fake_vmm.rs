@@ -1,8 +1,8 @@
 //! A fake `berth-vmm` for the host proxy's tests (`tests/daemon.rs`, `tests/control_api.rs`):
-//! `fake_vmm --config vm.json` reads the machine description as the real VMM does, serves the
-//! hybrid vsock socket with a fake guest agent behind it (Hello, Health, Stats, Shutdown,
-//! Subscribe pushing one event, dockerd's ping, a shell) and the VMM API socket (Stop → exit
-//! 5). `BERTH_FAKE_VMM_MODE` (comma-separated) changes it: `panic` (exit 3 at boot), `deaf`
+//! `fake_vmm --config vm.json` reads the machine description as the real VMM does, connects
+//! its net device to passt's socket (again after passt restarts), serves the hybrid vsock
+//! socket with a fake guest agent behind it (Hello, Health, Stats, Shutdown, Subscribe pushing
+//! one event, dockerd's ping, a shell) and the VMM API socket (Stop → exit 5). `BERTH_FAKE_VMM_MODE` (comma-separated) changes it: `panic` (exit 3 at boot), `deaf`
 //! (the control port refuses), `ignore-shutdown` (acknowledges Shutdown, never powers off),
 //! `old-agent` (answers Stats as unsupported), `hang-stats` (never answers Stats), `stuck-api`
 //! (acknowledges Stop, never exits).
@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use berth_machine::{read_message, write_message, VmConfig, VmmRequest, VmmResponse};
+use berth_machine::{read_message, write_message, DeviceConfig, VmConfig, VmmRequest, VmmResponse};
 use berth_protocol::{
     decode_request, read_frame, read_frame_body, write_frame, write_shell_frame, DecodeError,
     Event, Request, Response, ShellFrame, ShellRequest, PROTOCOL_VERSION,
@@ -49,6 +49,11 @@ fn main() {
     if let Some(api) = config.api_socket.clone() {
         serve_api(api);
     }
+    for device in &config.devices {
+        if let DeviceConfig::Net(net) = device {
+            connect_net(net.socket.clone());
+        }
+    }
     let vsock = config.vsock_socket().unwrap().to_path_buf();
     let _ = std::fs::remove_file(&vsock); // as the real VMM does with a stale socket
     let listener = UnixListener::bind(&vsock).unwrap();
@@ -57,6 +62,30 @@ fn main() {
         let stream = stream.unwrap();
         std::thread::spawn(move || fake_guest(stream, booted));
     }
+}
+
+/// The net device's backend, as the real VMM uses it: connect to passt's socket, and connect
+/// again whenever passt goes away.
+fn connect_net(socket: PathBuf) {
+    std::thread::spawn(move || {
+        let mut connections = 0;
+        loop {
+            match UnixStream::connect(&socket) {
+                Ok(mut stream) => {
+                    connections += 1;
+                    let what = if connections == 1 {
+                        "connected"
+                    } else {
+                        "reconnected"
+                    };
+                    println!("fake VMM: net backend {what}");
+                    // Until passt closes it.
+                    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
 }
 
 /// The VMM API socket: one JSON line each way.

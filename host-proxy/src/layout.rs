@@ -71,6 +71,14 @@ impl Layout {
     pub fn vm_config(&self) -> PathBuf {
         self.run_dir().join("vm.json")
     }
+    /// passt's directory: its socket is created there (by passt's own user when it drops root).
+    pub fn passt_dir(&self) -> PathBuf {
+        self.run_dir().join("passt")
+    }
+    /// The VM's network backend: passt listens here, the VMM's net device connects.
+    pub fn passt_socket(&self) -> PathBuf {
+        self.passt_dir().join(crate::passt::SOCKET_NAME)
+    }
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir().join("berth.lock")
     }
@@ -80,6 +88,10 @@ impl Layout {
     /// The VMM's serial console: kernel and agent output.
     pub fn console_log(&self) -> PathBuf {
         self.logs_dir().join("console.log")
+    }
+    /// passt's output, appended to across its restarts.
+    pub fn passt_log(&self) -> PathBuf {
+        self.logs_dir().join("passt.log")
     }
     pub fn host_proxy_log(&self) -> PathBuf {
         self.logs_dir().join("host-proxy.log")

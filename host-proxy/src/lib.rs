@@ -12,6 +12,7 @@ pub mod disk;
 pub mod hybrid;
 pub mod layout;
 pub mod lock;
+pub mod passt;
 pub mod ports;
 pub mod settings;
 pub mod vmm;

@@ -77,7 +77,15 @@ pub fn vm_config(settings: &VmSettings, layout: &Layout) -> VmConfig {
                 cid: GUEST_CID,
                 socket: layout.vsock_socket(),
             }),
-        ],
+            DeviceConfig::Net(crate::passt::net_device(layout)),
+        ]
+        .into_iter()
+        .chain(
+            crate::settings::fs_devices(&settings.shares)
+                .into_iter()
+                .map(DeviceConfig::Fs),
+        )
+        .collect(),
         serial_log: Some(layout.console_log()),
         console: false,
         api_socket: Some(layout.vmm_api_socket()),
@@ -231,12 +239,15 @@ mod tests {
             memory_mib: 1024,
             disk_size_gib: 8,
             cmdline_extra: "quiet".into(),
+            shares: Vec::new(),
+            ports_bind_address: None,
         };
         let config = vm_config(&settings, &layout);
         config.check().unwrap();
         assert_eq!(
             config.cmdline,
-            "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data quiet"
+            "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data \
+             berth.net=192.168.127.2/24,192.168.127.1,192.168.127.53,65506 quiet"
         );
         let disks: Vec<_> = config.disks().collect();
         assert_eq!(disks[0].path, Path::new("/r/rootfs.ext4"));
@@ -254,6 +265,70 @@ mod tests {
         assert_eq!(
             config.serial_log.as_deref(),
             Some(Path::new("/h/logs/console.log"))
+        );
+    }
+
+    #[test]
+    fn the_vm_gets_passts_socket_as_its_network_and_one_fs_device_per_share() {
+        let layout = Layout::new("/h");
+        let settings = VmSettings {
+            vmm: "/bin/berth-vmm".into(),
+            kernel: "/k/bzImage".into(),
+            rootfs: "/r/rootfs.ext4".into(),
+            cpus: 1,
+            memory_mib: 512,
+            disk_size_gib: 8,
+            cmdline_extra: String::new(),
+            shares: vec![
+                crate::settings::Share {
+                    path: "/home/u".into(),
+                    alias: None,
+                    read_only: false,
+                },
+                crate::settings::Share {
+                    path: "/data".into(),
+                    alias: None,
+                    read_only: true,
+                },
+            ],
+            ports_bind_address: None,
+        };
+        let config = vm_config(&settings, &layout);
+        config.check().unwrap();
+        let nets: Vec<_> = config
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Net(net) => Some(net),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(nets.len(), 1);
+        assert_eq!(nets[0].socket, Path::new("/h/run/passt/passt.sock"));
+        assert_eq!(nets[0].mac, "52:54:00:12:34:56");
+        let fs: Vec<_> = config
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Fs(fs) => {
+                    Some((fs.tag.as_str(), fs.path.to_str().unwrap(), fs.read_only))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            fs,
+            [
+                ("berth-share-0", "/home/u", false),
+                ("berth-share-1", "/data", true)
+            ]
+        );
+        assert!(
+            config
+                .cmdline
+                .contains(" berth.share=berth-share-1,ro,/data"),
+            "{}",
+            config.cmdline
         );
     }
 

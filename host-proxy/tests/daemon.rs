@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,7 @@ fn assert_gone(home: &Home) {
         "run/berth.sock",
         "run/vsock.sock",
         "run/vmm.sock",
+        "run/passt/passt.sock",
         "run/state.json",
         "run/berth.pid",
     ] {
@@ -88,16 +89,79 @@ fn assert_gone(home: &Home) {
 #[test]
 fn the_machine_description_is_written_for_the_vmm() {
     let home = Home::new();
+    let (rw, ro) = (home.path("shared/rw"), home.path("shared/read only"));
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    let mut config = std::fs::read_to_string(home.path("config.toml")).unwrap();
+    config.push_str(&format!(
+        "shares = [{{ path = {rw:?} }}, {{ path = {ro:?}, read_only = true }}]\n"
+    ));
+    std::fs::write(home.path("config.toml"), config).unwrap();
     let mut proxy = home.spawn("normal", &[]);
-    home.wait_state("running");
+    let status = home.wait_state("running");
     let json = std::fs::read(home.path("home/run/vm.json")).unwrap();
     let config = berth_machine::VmConfig::from_json(&json).unwrap();
     assert_eq!((config.cpus, config.memory_mib), (1, 256));
     assert_eq!(config.kernel, home.path("vmlinux"));
+    let (rw, ro) = (rw.canonicalize().unwrap(), ro.canonicalize().unwrap());
     assert_eq!(
         config.cmdline,
-        "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data"
+        format!(
+            "root=/dev/vda ro rootfstype=ext4 berth.data=serial:berth-data \
+             berth.net=192.168.127.2/24,192.168.127.1,192.168.127.53,65506 \
+             berth.share=berth-share-0,rw,{} berth.share=berth-share-1,ro,{}",
+            rw.display(),
+            ro.display().to_string().replace(' ', "%20")
+        )
     );
+    let params = |name: &str| -> Vec<String> {
+        config
+            .cmdline
+            .split(' ')
+            .filter_map(|p| Some(p.strip_prefix(name)?.strip_prefix('=')?.to_string()))
+            .collect()
+    };
+    let net = berth_protocol::cmdline::GuestNet::parse(&params("berth.net")[0]).unwrap();
+    assert_eq!(net.address.to_string(), "192.168.127.2");
+    let mounts: Vec<_> = params("berth.share")
+        .iter()
+        .map(|p| berth_protocol::cmdline::GuestShare::parse(p).unwrap())
+        .collect();
+    assert_eq!(mounts[1].path, ro, "the space survives the command line");
+    assert!(mounts[1].read_only);
+    let nets: Vec<_> = config
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            berth_machine::DeviceConfig::Net(net) => Some(net.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nets.len(), 1);
+    assert_eq!(nets[0].socket, home.path("home/run/passt/passt.sock"));
+    assert_eq!(nets[0].mac, "52:54:00:12:34:56");
+    let fs: Vec<_> = config
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            berth_machine::DeviceConfig::Fs(fs) => {
+                Some((fs.tag.clone(), fs.path.clone(), fs.read_only))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fs,
+        [
+            ("berth-share-0".to_string(), rw.clone(), false),
+            ("berth-share-1".to_string(), ro.clone(), true)
+        ]
+    );
+    // The status shows them.
+    let shares = status["settings"]["shares"].as_array().unwrap();
+    assert_eq!(shares.len(), 2, "{status}");
+    assert_eq!(shares[1]["path"], ro.to_str().unwrap());
+    assert_eq!(shares[1]["read_only"], true);
     let disks: Vec<_> = config.disks().collect();
     assert_eq!(disks.len(), 2);
     assert_eq!(disks[0].path, home.path("rootfs.img"));
@@ -143,8 +207,10 @@ fn a_guest_that_cannot_be_asked_to_shut_down_is_stopped_through_the_vmm_api() {
 fn a_vmm_that_ignores_every_stop_is_killed() {
     let home = Home::new();
     let mut proxy = home.spawn("deaf,stuck-api", &[]);
-    let status = home.wait_state("starting");
+    home.wait_state("starting");
     wait_file(&home.path("home/run/vmm.sock"), &home);
+    // passt starts first: the VMM's pid is known once its API socket is there.
+    let status = get(&home.control(), "/v1/status").json();
     let vmm_pid = status["vmm_pid"].as_u64().unwrap() as i32;
     proxy.signal(Signal::TERM);
     let status = proxy.wait_exit(Duration::from_secs(40));
@@ -240,5 +306,142 @@ fn wait_file(path: &Path, home: &Home) {
             home.log()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn passt_is_the_vms_network_restarted_when_it_dies_and_stopped_with_the_vm() {
+    let home = Home::new();
+    let mut proxy = home.spawn("normal", &[]);
+    home.wait_state("running");
+    let socket = home.path("home/run/passt/passt.sock");
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket(),
+        "passt listens on {}",
+        socket.display()
+    );
+    wait_log(&home, "fake VMM: net backend connected");
+    let first = common::passt_pids(&home.log());
+    assert_eq!(first.len(), 1, "one passt per VM; log:\n{}", home.log());
+    let first = pid(first[0]);
+    rustix::process::kill_process(first, Signal::KILL).unwrap();
+
+    wait_log(&home, "restarted passt (pid");
+    let log = home.log();
+    assert!(log.contains("passt exited while the VM runs"), "{log}");
+    let pids = common::passt_pids(&log);
+    assert_eq!(pids.len(), 2, "{log}");
+    assert_ne!(pid(pids[1]), first, "a new passt");
+    // The VMM's net device finds the new passt on the same socket.
+    wait_log(&home, "fake VMM: net backend reconnected");
+    assert_eq!(
+        get(&home.control(), "/v1/status").json()["state"],
+        "running"
+    );
+
+    let stopped = post(&home.control(), "/v1/stop", "");
+    assert_eq!(stopped.status, 202, "{stopped:?}");
+    home.wait_state("stopped");
+    assert!(
+        rustix::process::test_kill_process(pid(pids[1])).is_err(),
+        "passt stops with the VM"
+    );
+    assert!(!socket.exists(), "its socket goes with it");
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert_gone(&home);
+}
+
+#[test]
+fn a_host_without_passt_cannot_start_the_vm_and_is_told_how_to_get_it() {
+    let home = Home::new();
+    let empty = home.path("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let child = home
+        .host_proxy("normal")
+        .env_remove("BERTH_PASST")
+        .env("PATH", &empty)
+        .spawn()
+        .unwrap();
+    let mut proxy = common::Proxy { child };
+    home.wait_control();
+    let status = wait_reason(&home, "cannot start the VM:");
+    assert_eq!(
+        status["reason"],
+        "cannot start the VM: cannot start the VM's network: passt is not installed: \
+         apt-get install passt (or set BERTH_PASST)"
+    );
+    assert_eq!(status["vmm_pid"], serde_json::Value::Null);
+    assert!(!home.log().contains("started the VMM"), "{}", home.log());
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn a_passt_that_keeps_dying_stops_the_vm_with_the_reason() {
+    let home = Home::new();
+    let mut proxy = home.spawn("normal", &[]);
+    home.wait_state("running");
+    // Five deaths within ten minutes: 1 + 2 + 4 + 8 s of backoff between them.
+    for death in 1..=5 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let victim = loop {
+            let pids = common::passt_pids(&home.log());
+            if pids.len() == death {
+                break pid(pids[death - 1]);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "passt {death}; log:\n{}",
+                home.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        wait_file(&home.path("home/run/passt/passt.sock"), &home);
+        rustix::process::kill_process(victim, Signal::KILL).unwrap();
+    }
+    wait_reason(&home, "passt keeps exiting");
+    let status = home.wait_state("stopped");
+    assert_eq!(status["reason"], "passt keeps exiting: see logs/passt.log");
+    assert!(home
+        .log()
+        .contains("passt exited 5 times within 10 minutes"));
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert_gone(&home);
+}
+
+fn pid(raw: u32) -> rustix::process::Pid {
+    rustix::process::Pid::from_raw(raw as i32).unwrap()
+}
+
+fn wait_log(home: &Home, wanted: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !home.log().contains(wanted) {
+        assert!(
+            Instant::now() < deadline,
+            "no {wanted:?} in the log:\n{}",
+            home.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls the status until its reason starts with `prefix`.
+fn wait_reason(home: &Home, prefix: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = get(&home.control(), "/v1/status").json();
+        if status["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(prefix))
+        {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{status}; log:\n{}", home.log());
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

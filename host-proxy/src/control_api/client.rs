@@ -435,6 +435,8 @@ mod tests {
                 rootfs: None,
                 vmm: None,
                 cmdline_extra: String::new(),
+                shares: Vec::new(),
+                ports: Default::default(),
             },
             guest: None,
         }

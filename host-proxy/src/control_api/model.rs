@@ -2,6 +2,7 @@
 //! document, the event stream's lines, request bodies and the error body. Server and clients
 //! both use these types, so the wire format lives here once.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,30 @@ pub struct Settings {
     pub rootfs: Option<PathBuf>,
     pub vmm: Option<PathBuf>,
     pub cmdline_extra: String,
+    /// The host folders the guest mounts (for the next start: the config file's, resolved as a
+    /// start resolves them).
+    #[serde(default)]
+    pub shares: Vec<Share>,
+    #[serde(default)]
+    pub ports: PortSettings,
+}
+
+/// One host folder shared with the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The host directory, symlinks resolved; the guest mounts it at this same path.
+    pub path: PathBuf,
+    /// The path as configured, when a symlink made it differ: the guest mounts it there too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+/// How published ports are served.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSettings {
+    /// The host address published ports listen on; `None`: the default.
+    pub bind_address: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! The state machine that owns the VMM: starts it from the config file as it is at that
-//! moment, notices when it exits unasked (`crashed`, with the reason), and runs the one stop
-//! sequence: ask the guest to power off, then the VMM's orderly stop on its API socket, then
-//! SIGKILL.
+//! The state machine that owns the VMM and the VM's network: starts passt and then the VMM
+//! from the config file as it is at that moment, notices when the VMM exits unasked (`crashed`,
+//! with the reason) or passt keeps exiting, and runs the one stop sequence: ask the guest to
+//! power off, then the VMM's orderly stop on its API socket, then SIGKILL; passt goes after the
+//! VMM.
 
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::control;
 use crate::control_api::model::VmState;
 use crate::layout::Layout;
 use crate::settings::VmSettings;
-use crate::{disk, vmm};
+use crate::{disk, passt, vmm};
 
 /// How long the guest agent has to acknowledge the shutdown request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,6 +36,8 @@ pub enum StartError {
     Config(#[source] config::Error),
     #[error("cannot prepare the data disk")]
     Disk(#[source] disk::Error),
+    #[error("cannot start the VM's network")]
+    Net(#[source] passt::Error),
     #[error("cannot start the VMM")]
     Vmm(#[source] vmm::Error),
 }
@@ -44,6 +47,8 @@ struct Vm {
     child: Child,
     run: u64,
     guest: JoinHandle<()>,
+    /// passt, the VM's network.
+    net: passt::Supervisor,
 }
 
 /// How the state machine ended (on a quit).
@@ -55,6 +60,8 @@ pub struct Ended {
 
 enum Next {
     Exited(std::io::Result<ExitStatus>),
+    /// passt keeps exiting: the VM stops.
+    NetFailed,
     Command(Option<Command>),
 }
 
@@ -66,6 +73,7 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
         let next = match vm.as_mut() {
             Some(running) => tokio::select! {
                 status = running.child.wait() => Next::Exited(status),
+                () = running.net.failed() => Next::NetFailed,
                 command = commands.recv() => Next::Command(command),
             },
             None => Next::Command(commands.recv().await),
@@ -73,8 +81,14 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
         let command = match next {
             Next::Exited(status) => {
                 if let Some(done) = vm.take() {
-                    exited_unasked(&shared, done, status);
+                    exited_unasked(&shared, done, status).await;
                 }
+                continue;
+            }
+            Next::NetFailed => {
+                shared.set_state(VmState::Stopping, passt::GAVE_UP);
+                let timeout = shared.default_stop_timeout;
+                killed = stop_because(&shared, vm.take(), timeout, Some(passt::GAVE_UP)).await;
                 continue;
             }
             // Every sender is gone: nobody can ask for anything any more.
@@ -86,14 +100,14 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
         match command {
             Command::Start => {
                 if vm.is_none() {
-                    vm = start(&shared);
+                    vm = start(&shared).await;
                 }
             }
             Command::Stop { timeout } => killed = stop(&shared, vm.take(), timeout).await,
             Command::Restart { timeout } => {
                 killed = stop(&shared, vm.take(), timeout).await;
                 shared.set_state(VmState::Starting, "restarting");
-                vm = start(&shared);
+                vm = start(&shared).await;
             }
             Command::Quit { timeout } => {
                 if vm.is_some() {
@@ -108,10 +122,10 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
 
 /// Boots a VM with the settings of the config file as it is now; on failure the state says
 /// why and no VM runs.
-fn start(shared: &Arc<Shared>) -> Option<Vm> {
+async fn start(shared: &Arc<Shared>) -> Option<Vm> {
     let run = shared.begin_run();
-    match spawn(&shared.layout) {
-        Ok((child, settings)) => {
+    match spawn(&shared.layout).await {
+        Ok((child, settings, net)) => {
             let pid = child.id();
             tracing::info!(
                 "started the VMM (pid {}): {} vCPUs, {} MiB, kernel {}",
@@ -122,7 +136,12 @@ fn start(shared: &Arc<Shared>) -> Option<Vm> {
             );
             shared.vmm_started(run, pid, settings);
             let guest = tokio::spawn(guest::watch(shared.clone(), run));
-            Some(Vm { child, run, guest })
+            Some(Vm {
+                child,
+                run,
+                guest,
+                net,
+            })
         }
         Err(e) => {
             let reason = format!("cannot start the VM: {}", chain(&e));
@@ -133,17 +152,25 @@ fn start(shared: &Arc<Shared>) -> Option<Vm> {
     }
 }
 
-fn spawn(layout: &Layout) -> Result<(Child, VmSettings), StartError> {
+/// passt, then the VMM: the VMM's net device connects to passt's socket as it starts.
+async fn spawn(layout: &Layout) -> Result<(Child, VmSettings, passt::Supervisor), StartError> {
     let path = config::path().map_err(StartError::Config)?;
     let settings = Config::load(&path)
         .and_then(|config| config.vm_settings())
         .map_err(StartError::Config)?;
+    let passt = passt::Passt::new(layout).map_err(StartError::Net)?;
     prepare_disk(layout, settings.disk_size_gib)?;
     let config = vmm::vm_config(&settings, layout);
     let config_path = vmm::write_config(&config, layout).map_err(StartError::Vmm)?;
+    let net = passt.start().await.map_err(StartError::Net)?;
     keep_previous_console(layout);
-    let child = vmm::spawn(&settings.vmm, &config_path).map_err(StartError::Vmm)?;
-    Ok((child, settings))
+    match vmm::spawn(&settings.vmm, &config_path) {
+        Ok(child) => Ok((child, settings, net)),
+        Err(e) => {
+            net.stop().await;
+            Err(StartError::Vmm(e))
+        }
+    }
 }
 
 fn prepare_disk(layout: &Layout, size_gib: u64) -> Result<(), StartError> {
@@ -174,7 +201,7 @@ fn keep_previous_console(layout: &Layout) {
 }
 
 /// The VMM exited while nobody asked it to (or while a stop was on its way).
-fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitStatus>) {
+async fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitStatus>) {
     let (state, reason) = match status {
         Ok(status) => {
             let exit = vmm::Exit::from_status(status);
@@ -193,15 +220,20 @@ fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitStatus>) 
             (VmState::Crashed, "the VMM could not be watched".into())
         }
     };
-    finish(shared, vm);
+    finish(shared, vm).await;
     shared.set_state(state, reason);
 }
 
-/// What a run leaves behind goes: the guest task, the VMM's sockets.
-fn finish(shared: &Shared, vm: Vm) {
+/// What a run leaves behind goes: the guest task, passt, the sockets.
+async fn finish(shared: &Shared, vm: Vm) {
     vm.guest.abort();
+    vm.net.stop().await;
     let layout = &shared.layout;
-    for path in [layout.vsock_socket(), layout.vmm_api_socket()] {
+    for path in [
+        layout.vsock_socket(),
+        layout.vmm_api_socket(),
+        layout.passt_socket(),
+    ] {
         let _ = std::fs::remove_file(path);
     }
     shared.vmm_gone();
@@ -210,6 +242,16 @@ fn finish(shared: &Shared, vm: Vm) {
 
 /// The stop sequence; `true` when the VMM had to be killed. The state is `stopping` already.
 async fn stop(shared: &Shared, vm: Option<Vm>, timeout: Duration) -> bool {
+    stop_because(shared, vm, timeout, None).await
+}
+
+/// The stop sequence, ending in `stopped` for `why` (else for how the VMM exited).
+async fn stop_because(
+    shared: &Shared,
+    vm: Option<Vm>,
+    timeout: Duration,
+    why: Option<&str>,
+) -> bool {
     let Some(mut vm) = vm else {
         if shared.state().state == VmState::Stopping {
             shared.set_state(VmState::Stopped, "stopped by request");
@@ -229,8 +271,8 @@ async fn stop(shared: &Shared, vm: Option<Vm>, timeout: Duration) -> bool {
         }
         None => "the VMM could not be watched".into(),
     };
-    finish(shared, vm);
-    shared.set_state(VmState::Stopped, reason);
+    finish(shared, vm).await;
+    shared.set_state(VmState::Stopped, why.map_or(reason, String::from));
     killed
 }
 

@@ -334,15 +334,7 @@ impl Shared {
         let running = self.lock().settings.clone();
         // Read outside the lock: the file system may be slow, the lifecycle must not wait.
         let settings = match running {
-            Some(running) => Settings {
-                cpus: running.cpus,
-                memory_mib: running.memory_mib,
-                disk_size_gib: running.disk_size_gib,
-                kernel: Some(running.kernel),
-                rootfs: Some(running.rootfs),
-                vmm: Some(running.vmm),
-                cmdline_extra: running.cmdline_extra,
-            },
+            Some(running) => running.status_settings(),
             None => next_settings(),
         };
         let inner = self.lock();

@@ -24,6 +24,24 @@ pub fn fake_vmm() -> PathBuf {
     path
 }
 
+/// The real passt on `PATH`: the daemon starts one per VM, the tests use it as it is (this
+/// machine has a default route, which passt needs).
+pub fn passt() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("passt"))
+        .find(|p| p.is_file())
+        .expect("the daemon tests run the real passt: apt-get install passt")
+}
+
+/// The pids of the passts the host proxy said it started, in order.
+pub fn passt_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| l.contains("started passt (pid "))
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+        .collect()
+}
+
 pub struct Home {
     pub dir: tempfile::TempDir,
 }
@@ -61,6 +79,7 @@ impl Home {
             .arg(self.path("home"))
             .args(["--shutdown-timeout-secs", "10"])
             .env("BERTH_CONFIG", self.path("config.toml"))
+            .env("BERTH_PASST", passt())
             .env(MODE_ENV, mode)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,6 +90,12 @@ impl Home {
     /// Starts the host proxy and waits for its control socket.
     pub fn spawn(&self, mode: &str, extra: &[&str]) -> Proxy {
         let child = self.host_proxy(mode).args(extra).spawn().unwrap();
+        self.wait_control();
+        Proxy { child }
+    }
+
+    /// Waits for the control socket to accept.
+    pub fn wait_control(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(self.control()).is_err() {
             assert!(
@@ -80,7 +105,6 @@ impl Home {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Proxy { child }
     }
 
     pub fn log(&self) -> String {

@@ -1,7 +1,11 @@
-//! `config.toml` (in the platform's config directory, or `$BERTH_CONFIG`): the VM's resources
-//! and where its artifacts are. The host proxy reads it at every start; the CLI edits it. Every
-//! value is validated before the file is written.
+//! `config.toml` (in the platform's config directory, or `$BERTH_CONFIG`): the VM's resources,
+//! where its artifacts are, the host folders it shares (`shares`) and how published ports
+//! listen (`[ports]`). The host proxy reads it at every start; the CLI edits it. Every value is
+//! validated before the file is written.
 
+mod shares;
+
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use berth_machine::{DEFAULT_CPUS, DEFAULT_DISK_SIZE_GIB, DEFAULT_MEMORY_MIB};
@@ -14,7 +18,8 @@ pub const CONFIG_ENV: &str = "BERTH_CONFIG";
 
 /// The least memory Berth starts a VM with: dockerd needs it.
 pub const MIN_MEMORY_MIB: u64 = 256;
-pub const KEYS: &str = "cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra";
+pub const KEYS: &str =
+    "cpus, memory_mib, disk_size_gib, kernel, rootfs, vmm, cmdline_extra, shares, ports.bind_address";
 /// The largest data disk accepted, in GiB.
 const MAX_DISK_SIZE_GIB: u64 = 1 << 20;
 
@@ -66,6 +71,9 @@ pub enum Error {
         path: PathBuf,
         from: String,
     },
+    /// A value the file holds that cannot be used now (a shared folder gone).
+    #[error(transparent)]
+    Setting(Invalid),
 }
 
 /// A value the config cannot hold.
@@ -92,6 +100,45 @@ pub enum Invalid {
     },
     #[error("unknown setting {0:?}: the settings are {KEYS}")]
     UnknownKey(String),
+    #[error("shares: {} is not an absolute path", .0.display())]
+    ShareNotAbsolute(PathBuf),
+    #[error("shares: {} does not exist", .0.display())]
+    ShareMissing(PathBuf),
+    #[error("shares: {} is not a directory", .0.display())]
+    ShareNotADirectory(PathBuf),
+    #[error("shares: cannot resolve {}", path.display())]
+    ShareResolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shares: {} is listed twice{}", path.display(), same_as(path, other))]
+    ShareDuplicate { path: PathBuf, other: PathBuf },
+    #[error(
+        "shares: {} is inside {}, which is shared already: list only one of them",
+        inner.display(), outer.display()
+    )]
+    ShareNested { inner: PathBuf, outer: PathBuf },
+    #[error("shares: {} is where the guest's own system lives: share a folder below it", .0.display())]
+    ShareSystem(PathBuf),
+    #[error("shares: {0:?} is not PATH, PATH:ro or PATH:rw")]
+    ShareSpec(String),
+    #[error("ports.bind_address: {0:?} is not an IP address (like 127.0.0.1 or ::1)")]
+    BindAddress(String),
+    #[error(
+        "the kernel command line would be {len} bytes, more than the {max} Linux takes: share \
+         fewer folders or shorten cmdline_extra", max = crate::settings::MAX_CMDLINE
+    )]
+    CmdlineTooLong { len: usize },
+}
+
+/// ` (as OTHER)` when a duplicate share was written differently.
+fn same_as(path: &Path, other: &Path) -> String {
+    if path == other {
+        String::new()
+    } else {
+        format!(" (as {})", other.display())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +162,37 @@ pub struct Config {
     /// Appended to the guest kernel command line.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cmdline_extra: String,
+    /// The host folders the guest mounts at the same paths; `None` (absent): the home directory
+    /// and the temporary directory. An empty list shares nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<Vec<ShareConfig>>,
+    #[serde(default, skip_serializing_if = "PortsConfig::is_default")]
+    pub ports: PortsConfig,
+}
+
+/// One entry of `shares`: `{ path = "/home/u", read_only = false }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareConfig {
+    /// An absolute path to a directory; symlinks are resolved at every start.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `[ports]`: how published ports listen on the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortsConfig {
+    /// The host address published ports bind; unset: the ports module's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_address: Option<IpAddr>,
+}
+
+impl PortsConfig {
+    fn is_default(&self) -> bool {
+        *self == PortsConfig::default()
+    }
 }
 
 fn default_cpus() -> u64 {
@@ -137,6 +215,8 @@ impl Default for Config {
             rootfs: None,
             vmm: None,
             cmdline_extra: String::new(),
+            shares: None,
+            ports: PortsConfig::default(),
         }
     }
 }
@@ -235,6 +315,36 @@ impl Config {
         if self.disk_size_gib > MAX_DISK_SIZE_GIB {
             return Err(Invalid::DiskTooLarge(self.disk_size_gib));
         }
+        // Whether the folders exist is checked at each start: a folder gone must not make the
+        // whole file unreadable.
+        for share in self.shares.iter().flatten() {
+            if !share.path.is_absolute() {
+                return Err(Invalid::ShareNotAbsolute(share.path.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The host address published ports bind, when one is configured.
+    pub fn ports_bind_address(&self) -> Option<IpAddr> {
+        self.ports.bind_address
+    }
+
+    /// The shares, resolved as a start resolves them: the configured ones checked strictly, or
+    /// the defaults (those that exist).
+    pub fn shares(&self) -> Result<Vec<crate::settings::Share>, Invalid> {
+        match &self.shares {
+            Some(configured) => shares::resolve(configured),
+            None => Ok(shares::defaults()),
+        }
+    }
+
+    /// Fails when the command line these shares and `cmdline_extra` make is too long.
+    fn check_cmdline(&self, shares: &[crate::settings::Share]) -> Result<(), Invalid> {
+        let len = crate::settings::cmdline(shares, &self.cmdline_extra).len();
+        if len > crate::settings::MAX_CMDLINE {
+            return Err(Invalid::CmdlineTooLong { len });
+        }
         Ok(())
     }
 
@@ -256,7 +366,23 @@ impl Config {
             "kernel" => self.kernel = Some(existing_file(key, value)?),
             "rootfs" => self.rootfs = Some(existing_file(key, value)?),
             "vmm" => self.vmm = Some(existing_file(key, value)?),
-            "cmdline_extra" => self.cmdline_extra = value.trim().to_string(),
+            "cmdline_extra" => {
+                self.cmdline_extra = value.trim().to_string();
+                self.check_cmdline(&self.shares()?)?;
+            }
+            "shares" => {
+                let configured = shares::parse_list(value)?;
+                let resolved = shares::resolve(&configured)?;
+                self.shares = Some(configured);
+                self.check_cmdline(&resolved)?;
+            }
+            "ports.bind_address" => {
+                let address = value.trim();
+                let address = address
+                    .parse()
+                    .map_err(|_| Invalid::BindAddress(address.into()))?;
+                self.ports.bind_address = Some(address);
+            }
             _ => return Err(Invalid::UnknownKey(key.into())),
         }
         self.validate()
@@ -273,6 +399,8 @@ impl Config {
             "rootfs" => self.rootfs = None,
             "vmm" => self.vmm = None,
             "cmdline_extra" => self.cmdline_extra.clear(),
+            "shares" => self.shares = None,
+            "ports.bind_address" => self.ports.bind_address = None,
             _ => return Err(Invalid::UnknownKey(key.into())),
         }
         Ok(())
@@ -291,6 +419,21 @@ impl Config {
             rootfs: artifact(Artifact::Rootfs),
             vmm: artifact(Artifact::Vmm),
             cmdline_extra: self.cmdline_extra.clone(),
+            shares: crate::settings::status_shares(&self.shares().unwrap_or_else(|_| {
+                // The start will say what is wrong; show them as written meanwhile.
+                self.shares
+                    .iter()
+                    .flatten()
+                    .map(|s| crate::settings::Share {
+                        path: s.path.clone(),
+                        alias: None,
+                        read_only: s.read_only,
+                    })
+                    .collect()
+            })),
+            ports: crate::control_api::model::PortSettings {
+                bind_address: self.ports.bind_address,
+            },
         }
     }
 
@@ -338,6 +481,8 @@ impl Config {
             path: PathBuf::from("config"),
             source: Invalid::Cpus(self.cpus),
         })?;
+        let shares = self.shares().map_err(Error::Setting)?;
+        self.check_cmdline(&shares).map_err(Error::Setting)?;
         Ok(VmSettings {
             vmm: resolve(Artifact::Vmm)?,
             kernel: resolve(Artifact::Kernel)?,
@@ -346,6 +491,8 @@ impl Config {
             memory_mib: self.memory_mib,
             disk_size_gib: self.disk_size_gib,
             cmdline_extra: self.cmdline_extra.clone(),
+            shares,
+            ports_bind_address: self.ports.bind_address,
         })
     }
 }
@@ -439,6 +586,78 @@ mod tests {
         }
         config.unset("cpus").unwrap();
         assert_eq!(config.cpus, u64::from(DEFAULT_CPUS));
+    }
+
+    #[test]
+    fn shares_and_the_bind_address_round_trip_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let data = dir.path().join("data");
+        let other = dir.path().join("other");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        let mut config = Config::default();
+        assert_eq!(config.ports_bind_address(), None);
+        config
+            .set(
+                "shares",
+                &format!("{},{}:ro", data.display(), other.display()),
+            )
+            .unwrap();
+        config.set("ports.bind_address", "127.0.0.1").unwrap();
+        config.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("bind_address = \"127.0.0.1\""), "{text}");
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded, config);
+        assert_eq!(
+            loaded.ports_bind_address(),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        let shares = loaded.shares().unwrap();
+        assert_eq!(shares.len(), 2);
+        assert!(shares[1].read_only);
+        let status = loaded.status_settings();
+        assert_eq!(status.shares.len(), 2);
+        assert_eq!(status.ports.bind_address, loaded.ports_bind_address());
+
+        let mut copy = config.clone();
+        let err = copy.set("ports.bind_address", "localhost").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"localhost\" is not an IP address"),
+            "{err}"
+        );
+        let err = copy.set("shares", "/no/such/dir").unwrap_err();
+        assert_eq!(err.to_string(), "shares: /no/such/dir does not exist");
+        assert_eq!(
+            copy.shares, config.shares,
+            "a refused value changes nothing"
+        );
+        let err = copy.set("cmdline_extra", &"x".repeat(2000)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than the 2047 Linux takes"),
+            "{err}"
+        );
+
+        config.set("shares", "").unwrap();
+        assert!(
+            config.shares().unwrap().is_empty(),
+            "an empty list shares nothing"
+        );
+        config.unset("shares").unwrap();
+        assert_eq!(config.shares, None, "back to the defaults");
+        config.unset("ports.bind_address").unwrap();
+        assert_eq!(config.ports_bind_address(), None);
+
+        std::fs::write(&path, "shares = [{ path = \"rel\" }]\n").unwrap();
+        let err = chain(&Config::load(&path).unwrap_err());
+        assert!(
+            err.ends_with("shares: rel is not an absolute path"),
+            "{err}"
+        );
+        std::fs::write(&path, "[ports]\nbind_address = \"nope\"\n").unwrap();
+        assert!(Config::load(&path).is_err());
     }
 
     #[test]
