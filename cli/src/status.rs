@@ -116,6 +116,30 @@ fn headline(status: &Status) -> String {
     }
 }
 
+/// The forwarded ports as `docker ps` writes them: `0.0.0.0:8080->172.17.0.2:80/tcp`.
+fn ports(status: &Status) -> String {
+    if status.ports.is_empty() {
+        return "none published".into();
+    }
+    let addr = |ip: std::net::IpAddr, port: u16| match ip {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+    };
+    let ports: Vec<String> = status
+        .ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{}->{}/{}",
+                addr(p.host_ip, p.host_port),
+                addr(p.container_ip, p.container_port),
+                p.proto
+            )
+        })
+        .collect();
+    ports.join(", ")
+}
+
 fn print_status(status: &Status) {
     println!("{}", headline(status));
     let vmm = status
@@ -158,6 +182,7 @@ fn print_status(status: &Status) {
             println!("load:       {}", stats.load_avg_1m);
         }
     }
+    println!("ports:      {}", ports(status));
 }
 
 fn human_duration(secs: u64) -> String {
@@ -270,6 +295,7 @@ mod tests {
                 detail: String::new(),
                 stats: None,
             }),
+            ports: Vec::new(),
         }
     }
 

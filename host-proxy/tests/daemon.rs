@@ -445,3 +445,70 @@ fn wait_reason(home: &Home, prefix: &str) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_port_the_guest_publishes_is_in_the_status_and_the_events_and_closes_with_the_vm() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixStream;
+
+    let home = Home::new();
+    let mut proxy = home.spawn("normal", &[]);
+    home.wait_state("running");
+    let mut events = common::Events::open(&home.control());
+    // A free host port, found by binding and letting go.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // What the guest's port proxy sends, delivered as the VMM delivers a guest connection to
+    // host port 1030: on `<vsock>_1030`.
+    let vsock = home.path("home/run/vsock.sock");
+    let mut publish =
+        UnixStream::connect(berth_host_proxy::ports::publish_socket_path(&vsock)).unwrap();
+    let request = serde_json::json!({
+        "proto": "tcp", "host_ip": "127.0.0.1", "host_port": port,
+        "container_ip": "172.17.0.2", "container_port": 80
+    });
+    let body = serde_json::to_vec(&request).unwrap();
+    publish
+        .write_all(&(body.len() as u32).to_be_bytes())
+        .unwrap();
+    publish.write_all(&body).unwrap();
+    let mut len = [0u8; 4];
+    publish.read_exact(&mut len).unwrap();
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    publish.read_exact(&mut reply).unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(reply["type"], "bound", "{reply}");
+
+    let published = events.until(|e| e["type"] == "port");
+    let event = &published.last().unwrap()["event"];
+    assert_eq!(event["event"], "port_published", "{published:?}");
+    assert_eq!(event["host_port"], port);
+    let status = get(&home.control(), "/v1/status").json();
+    assert_eq!(status["ports"][0]["host_port"], port, "{status}");
+    assert_eq!(status["ports"][0]["container_ip"], "172.17.0.2", "{status}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+
+    // The VM stops: the listener and the publish go with it.
+    let stopped = post(&home.control(), "/v1/stop", "");
+    assert_eq!(stopped.status, 202, "{stopped:?}");
+    let gone = events.until(|e| e["type"] == "port");
+    assert_eq!(gone.last().unwrap()["event"]["event"], "port_unpublished");
+    home.wait_state("stopped");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert_eq!(
+        get(&home.control(), "/v1/status").json()["ports"],
+        serde_json::json!([])
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        publish.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "the publish closed"
+    );
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}

@@ -439,6 +439,7 @@ mod tests {
                 ports: Default::default(),
             },
             guest: None,
+            ports: Vec::new(),
         }
     }
 

@@ -75,6 +75,9 @@ pub struct Status {
     pub settings: Settings,
     /// What the guest agent said; `None` until it answered `Hello` in this run.
     pub guest: Option<GuestStatus>,
+    /// The published ports forwarded from the host now, oldest first.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::ForwardedPort>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +155,8 @@ pub enum ApiEvent {
     State(StateChange),
     /// Something the guest agent pushed (a daemon exited or became ready).
     Guest { event: berth_protocol::Event },
+    /// A published port began or stopped being forwarded from the host.
+    Port { event: crate::ports::PortEvent },
 }
 
 /// The optional body of `POST /v1/stop`, `/v1/restart` and `/v1/quit`.

@@ -21,7 +21,7 @@ use crate::control;
 use crate::control_api::model::VmState;
 use crate::layout::Layout;
 use crate::settings::VmSettings;
-use crate::{disk, passt, vmm};
+use crate::{disk, passt, ports, vmm};
 
 /// How long the guest agent has to acknowledge the shutdown request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +40,8 @@ pub enum StartError {
     Net(#[source] passt::Error),
     #[error("cannot start the VMM")]
     Vmm(#[source] vmm::Error),
+    #[error("cannot listen for published ports")]
+    Ports(#[source] ports::Error),
 }
 
 /// The running VM of one run.
@@ -49,6 +51,8 @@ struct Vm {
     guest: JoinHandle<()>,
     /// passt, the VM's network.
     net: passt::Supervisor,
+    /// The host ends of the ports the guest publishes.
+    ports: ports::Forwarder,
 }
 
 /// How the state machine ended (on a quit).
@@ -124,8 +128,8 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
 /// why and no VM runs.
 async fn start(shared: &Arc<Shared>) -> Option<Vm> {
     let run = shared.begin_run();
-    match spawn(&shared.layout).await {
-        Ok((child, settings, net)) => {
+    match spawn(shared, run).await {
+        Ok((child, settings, net, ports)) => {
             let pid = child.id();
             tracing::info!(
                 "started the VMM (pid {}): {} vCPUs, {} MiB, kernel {}",
@@ -141,6 +145,7 @@ async fn start(shared: &Arc<Shared>) -> Option<Vm> {
                 run,
                 guest,
                 net,
+                ports,
             })
         }
         Err(e) => {
@@ -152,8 +157,14 @@ async fn start(shared: &Arc<Shared>) -> Option<Vm> {
     }
 }
 
-/// passt, then the VMM: the VMM's net device connects to passt's socket as it starts.
-async fn spawn(layout: &Layout) -> Result<(Child, VmSettings, passt::Supervisor), StartError> {
+/// What `spawn` starts: the VMM, with the settings it got, and the network around it.
+type Started = (Child, VmSettings, passt::Supervisor, ports::Forwarder);
+
+/// passt and the published-port listener, then the VMM: the VMM's net device connects to
+/// passt's socket as it starts, and the guest's port proxies reach the listener from the first
+/// container on.
+async fn spawn(shared: &Arc<Shared>, run: u64) -> Result<Started, StartError> {
+    let layout = &shared.layout;
     let path = config::path().map_err(StartError::Config)?;
     let settings = Config::load(&path)
         .and_then(|config| config.vm_settings())
@@ -162,15 +173,42 @@ async fn spawn(layout: &Layout) -> Result<(Child, VmSettings, passt::Supervisor)
     prepare_disk(layout, settings.disk_size_gib)?;
     let config = vmm::vm_config(&settings, layout);
     let config_path = vmm::write_config(&config, layout).map_err(StartError::Vmm)?;
-    let net = passt.start().await.map_err(StartError::Net)?;
+    let forwarder = start_ports(shared, run, settings.ports_bind_address)?;
+    let net = match passt.start().await {
+        Ok(net) => net,
+        Err(e) => {
+            forwarder.stop().await;
+            return Err(StartError::Net(e));
+        }
+    };
     keep_previous_console(layout);
     match vmm::spawn(&settings.vmm, &config_path) {
-        Ok(child) => Ok((child, settings, net)),
+        Ok(child) => Ok((child, settings, net, forwarder)),
         Err(e) => {
             net.stop().await;
+            forwarder.stop().await;
             Err(StartError::Vmm(e))
         }
     }
+}
+
+/// The published-port listener of run `run`; its events reach the status and the event streams
+/// until it stops.
+fn start_ports(
+    shared: &Arc<Shared>,
+    run: u64,
+    bind_address: Option<std::net::IpAddr>,
+) -> Result<ports::Forwarder, StartError> {
+    let (events, mut received) = mpsc::unbounded_channel();
+    let forwarder = ports::Forwarder::start(&shared.layout.vsock_socket(), bind_address, events)
+        .map_err(StartError::Ports)?;
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(event) = received.recv().await {
+            shared.port_event(run, event);
+        }
+    });
+    Ok(forwarder)
 }
 
 fn prepare_disk(layout: &Layout, size_gib: u64) -> Result<(), StartError> {
@@ -227,6 +265,7 @@ async fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitSta
 /// What a run leaves behind goes: the guest task, passt, the sockets.
 async fn finish(shared: &Shared, vm: Vm) {
     vm.guest.abort();
+    vm.ports.stop().await;
     vm.net.stop().await;
     let layout = &shared.layout;
     for path in [

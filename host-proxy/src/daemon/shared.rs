@@ -16,6 +16,7 @@ use crate::control_api::model::{
     ApiEvent, GuestStats, GuestStatus, Settings, Sockets, StateChange, Status, VmState, API_VERSION,
 };
 use crate::layout::Layout;
+use crate::ports::{ForwardedPort, PortEvent};
 use crate::settings::VmSettings;
 
 /// Events a slow client may fall behind by before it misses some (it is then sent the current
@@ -73,6 +74,8 @@ struct Inner {
     /// The settings the running VM was started with.
     settings: Option<VmSettings>,
     guest: Option<GuestStatus>,
+    /// The ports forwarded from the host in this run, oldest first.
+    ports: Vec<ForwardedPort>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -106,6 +109,7 @@ impl Shared {
                 started: None,
                 settings: None,
                 guest: None,
+                ports: Vec::new(),
             }),
             events,
             closing: watch::Sender::new(false),
@@ -263,6 +267,23 @@ impl Shared {
         inner.started = None;
         inner.settings = None;
         inner.guest = None;
+        inner.ports.clear();
+    }
+
+    /// Records a port event of `run` (a late one of an earlier run is dropped) and passes it
+    /// to every event stream.
+    pub fn port_event(&self, run: u64, event: PortEvent) {
+        {
+            let mut inner = self.lock();
+            if inner.run != run {
+                return;
+            }
+            match &event {
+                PortEvent::PortPublished(port) => inner.ports.push(port.clone()),
+                PortEvent::PortUnpublished(port) => inner.ports.retain(|p| p != port),
+            }
+        }
+        let _ = self.events.send(ApiEvent::Port { event });
     }
 
     /// Records the agent's `Hello` for `run`; `true` the first time in this run.
@@ -355,6 +376,7 @@ impl Shared {
             },
             settings,
             guest: inner.guest.clone(),
+            ports: inner.ports.clone(),
         }
     }
 
@@ -428,7 +450,7 @@ mod tests {
         let seen: Vec<VmState> = std::iter::from_fn(|| events.try_recv().ok())
             .map(|e| match e {
                 ApiEvent::State(s) => s.state,
-                ApiEvent::Guest { .. } => panic!("no guest here"),
+                other => panic!("only state changes here: {other:?}"),
             })
             .collect();
         assert_eq!(seen, [VmState::Starting, VmState::Stopping]);

@@ -77,7 +77,7 @@ impl std::fmt::Display for ForwardedPort {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum PortEvent {
     PortPublished(ForwardedPort),
