@@ -27,6 +27,9 @@ use crate::chain;
 use crate::layout::Layout;
 
 /// Names the passt binary to use instead of the one on `PATH`.
+/// Environment variable: TCP ports passt itself forwards into the guest (`-t` syntax, e.g.
+/// `5203:5201`); unset, none. Only `tests/bench/ports-shares.sh` sets it, for its baseline.
+pub const TCP_PORTS_ENV: &str = "BERTH_PASST_TCP_PORTS";
 pub const PASST_ENV: &str = "BERTH_PASST";
 /// The socket's name in `Layout::passt_dir`.
 pub const SOCKET_NAME: &str = "passt.sock";
@@ -169,9 +172,6 @@ impl Passt {
             // The guest is configured from the command line (berth.net=), IPv4 only.
             "--ipv4-only",
             "--no-dhcp",
-            // Published ports are the host proxy's: passt forwards none.
-            "--tcp-ports",
-            "none",
             "--udp-ports",
             "none",
             "--socket",
@@ -180,7 +180,14 @@ impl Passt {
         .iter()
         .map(OsString::from)
         .collect();
+        // Published ports are the host proxy's: passt forwards none, except what the network
+        // benchmark asks for as its baseline (`BERTH_PASST_TCP_PORTS`, passt's `-t` syntax).
+        let tcp_ports = std::env::var(TCP_PORTS_ENV)
+            .ok()
+            .filter(|spec| !spec.trim().is_empty())
+            .unwrap_or_else(|| "none".into());
         for (option, value) in [
+            ("--tcp-ports", tcp_ports),
             ("--address", GUEST_ADDRESS.to_string()),
             ("--netmask", PREFIX_LEN.to_string()),
             ("--gateway", GATEWAY.to_string()),

@@ -62,7 +62,7 @@ where="directly on hardware KVM"
 echo "bench: ports and shares benchmarks, $where"
 
 # passt's own forwarding of host port 5203 to the guest's port 5201, the baseline for ours.
-export BERTH_PASST_EXTRA_ARGS="-t 5203:5201"
+export BERTH_PASST_TCP_PORTS=5203:5201
 berth start --timeout 300 --no-docker-context >/dev/null
 
 # The image: busybox, iperf3, net-probe and fs-bench with their libraries.
