@@ -27,10 +27,10 @@ use crate::chain;
 use crate::layout::Layout;
 
 /// Names the passt binary to use instead of the one on `PATH`.
+pub const PASST_ENV: &str = "BERTH_PASST";
 /// Environment variable: TCP ports passt itself forwards into the guest (`-t` syntax, e.g.
 /// `5203:5201`); unset, none. Only `tests/bench/ports-shares.sh` sets it, for its baseline.
 pub const TCP_PORTS_ENV: &str = "BERTH_PASST_TCP_PORTS";
-pub const PASST_ENV: &str = "BERTH_PASST";
 /// The socket's name in `Layout::passt_dir`.
 pub const SOCKET_NAME: &str = "passt.sock";
 
