@@ -7,6 +7,7 @@
 //! A boot failure prints one `berth-agent: error: ...` line and powers off: PID 1 must never
 //! exit or panic, since either panics the kernel.
 
+mod bind_watch;
 mod bootcount;
 mod children;
 mod config;
@@ -19,6 +20,7 @@ mod events;
 mod logfile;
 mod mounts;
 mod network;
+mod notify;
 mod power;
 mod pty;
 mod readiness;
@@ -81,6 +83,9 @@ fn main() {
     let supervisor = start_engine(booted.config.docker, &events);
     match booted.config.on_ready {
         OnReady::Stay => {
+            if let Err(e) = bind_watch::spawn(&events) {
+                console::warn(&format!("host file events: {}", console::chain(&e)));
+            }
             let guest = services::AgentGuest {
                 supervisor: supervisor.clone(),
                 events,
