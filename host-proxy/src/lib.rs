@@ -14,6 +14,7 @@ pub mod layout;
 pub mod lock;
 pub mod settings;
 pub mod vmm;
+pub mod watch;
 
 pub use layout::Layout;
 pub use settings::VmSettings;
