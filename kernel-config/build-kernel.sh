@@ -2,8 +2,13 @@
 # Builds a Berth kernel from Debian's linux-source-6.1 package and prints the directory holding
 # `vmlinux` (PVH ELF), `bzImage` and `config`.
 #
-#   kernel-config/build-kernel.sh guest       # the guest kernel (guest.config over tinyconfig)
+#   kernel-config/build-kernel.sh guest       # the guest kernel (guest.config + guest-only.config
+#                                             # over tinyconfig)
 #   kernel-config/build-kernel.sh test-host   # the nested rig's test host (guest + test-host.config)
+#
+# Berth's own drivers (drivers/*.c here: berth_notify, the host-file-change events) are copied into
+# the source tree for both flavors, but only guest-only.config enables them, so the test host's key
+# (and its 20-minute build) does not depend on them.
 #
 # Results are cached under $BERTH_CACHE/kernel (default ~/.cache/berth/kernel), keyed by a hash of
 # this script, the fragments and the source package version; a cached build is reused at once.
@@ -12,9 +17,17 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 flavor=${1:-}
+# Our driver sources, each copied to drivers/misc/ with a Kconfig entry and a Makefile line.
+drivers=("$here/drivers/berth_notify.c")
 case "$flavor" in
-  guest) fragments=("$here/guest.config") ;;
-  test-host) fragments=("$here/guest.config" "$here/test-host.config") ;;
+  guest)
+    fragments=("$here/guest.config" "$here/guest-only.config")
+    keyed=("${fragments[@]}" "${drivers[@]}")
+    ;;
+  test-host)
+    fragments=("$here/guest.config" "$here/test-host.config")
+    keyed=("${fragments[@]}")
+    ;;
   *) echo "usage: $0 guest|test-host" >&2; exit 2 ;;
 esac
 
@@ -27,7 +40,7 @@ fi
 version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 # Bump when the way the kernel is built changes (not for comments or locking): it is part of the key.
 recipe=2
-key=$( { echo "$version recipe $recipe"; cat "$here/docker-flags.txt" "${fragments[@]}"; } | sha256sum | cut -c1-16)
+key=$( { echo "$version recipe $recipe"; cat "$here/docker-flags.txt" "${keyed[@]}"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$flavor-$key"
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   echo "$out"
@@ -55,6 +68,32 @@ if [ ! -f "$src/.extracted" ]; then
   tar -xJf "$tarball" -C "$src" --strip-components=1
   touch "$src/.extracted"
 fi
+
+# Idempotent: files are rewritten only when they differ (an unchanged tree stays incremental) and
+# the Kconfig and Makefile lines are added once.
+install_drivers() {
+  local misc="$src/drivers/misc"
+  for c in "${drivers[@]}"; do
+    cmp -s "$c" "$misc/$(basename "$c")" || cp "$c" "$misc/$(basename "$c")"
+  done
+  local kconfig
+  kconfig=$(cat <<'KCONFIG'
+config BERTH_NOTIFY
+	bool "Berth: inotify events for host-side changes to virtio-fs shares"
+	depends on PROC_FS && FSNOTIFY
+	help
+	  /proc/berth-notify, written by Berth's guest agent, raises fsnotify
+	  events for files the host created, changed, deleted or renamed in a
+	  virtio-fs share.
+KCONFIG
+)
+  [ "$(cat "$misc/Kconfig.berth" 2>/dev/null)" = "$kconfig" ] || printf '%s\n' "$kconfig" > "$misc/Kconfig.berth"
+  grep -qxF 'source "drivers/misc/Kconfig.berth"' "$misc/Kconfig" ||
+    echo 'source "drivers/misc/Kconfig.berth"' >> "$misc/Kconfig"
+  grep -qxF 'obj-$(CONFIG_BERTH_NOTIFY) += berth_notify.o' "$misc/Makefile" ||
+    echo 'obj-$(CONFIG_BERTH_NOTIFY) += berth_notify.o' >> "$misc/Makefile"
+}
+install_drivers
 
 obj="$cache/kernel/obj-$flavor"
 mkdir -p "$obj"

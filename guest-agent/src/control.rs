@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use berth_protocol::files::FileEvent;
 use berth_protocol::{
     decode_request, read_frame_body, write_frame, DecodeError, Request, Response, PROTOCOL_VERSION,
 };
@@ -62,6 +63,10 @@ pub trait Guest {
     fn shutdown(&self, timeout_secs: u32);
     /// Where `Subscribe` connections get their events.
     fn events(&self) -> &Arc<Bus>;
+    /// Raises host file events in the guest (`notify`); failures are logged there, not answered.
+    fn file_events(&self, events: &[FileEvent]) {
+        crate::notify::raise(events);
+    }
 }
 
 /// Answers one request. `Shutdown` and `Subscribe` are answered `Ack` here; `serve` starts the
@@ -85,6 +90,10 @@ pub fn answer(req: &Request, guest: &impl Guest) -> Response {
         Request::SetClock { unix_nanos } => validate_clock(*unix_nanos)
             .and_then(|(secs, nanos)| guest.set_clock(secs, nanos))
             .map(|()| Response::Ack),
+        Request::FileEvents { events } => {
+            guest.file_events(events);
+            Ok(Response::Ack)
+        }
         Request::Shutdown { .. } | Request::Subscribe => Ok(Response::Ack),
     };
     result.unwrap_or_else(|e| Response::Error {
@@ -215,6 +224,7 @@ mod tests {
         shutdown: RefCell<Option<u32>>,
         meminfo: Option<&'static str>,
         events: Arc<Bus>,
+        file_events: RefCell<Vec<FileEvent>>,
     }
 
     impl Default for Fake {
@@ -224,6 +234,7 @@ mod tests {
                 shutdown: RefCell::default(),
                 meminfo: None,
                 events: Arc::new(Bus::new(events::QUEUE_LEN)),
+                file_events: RefCell::default(),
             }
         }
     }
@@ -250,6 +261,9 @@ mod tests {
                 total_kib: 8_000_000,
                 used_kib: 1_000,
             })
+        }
+        fn file_events(&self, events: &[FileEvent]) {
+            self.file_events.borrow_mut().extend_from_slice(events);
         }
         fn set_clock(&self, secs: u64, nanos: u32) -> Result<(), Error> {
             *self.clock.borrow_mut() = Some((secs, nanos));
@@ -290,6 +304,39 @@ mod tests {
         };
         assert!(!dockerd && containerd);
         assert_eq!(detail, "dockerd: not answering");
+    }
+
+    #[test]
+    fn file_events_over_the_wire_are_acked_and_raised_in_order() {
+        use berth_protocol::files::FileEventKind;
+        let fake = Fake::default();
+        let (mut host, agent) = UnixStream::pair().unwrap();
+        let events = vec![
+            FileEvent {
+                kind: FileEventKind::Create,
+                path: "/home/u/app/a.js".into(),
+            },
+            FileEvent {
+                kind: FileEventKind::Rename {
+                    from: "/home/u/app/a.js".into(),
+                },
+                path: "/home/u/app/b.js".into(),
+            },
+        ];
+        write_frame(
+            &mut host,
+            &Request::FileEvents {
+                events: events.clone(),
+            },
+        )
+        .unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        serve(agent, &fake);
+        assert_eq!(
+            read_frame::<Response>(&mut host).unwrap(),
+            Some(Response::Ack)
+        );
+        assert_eq!(*fake.file_events.borrow(), events);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! A boot failure prints one `berth-agent: error: ...` line and powers off: PID 1 must never
 //! exit or panic, since either panics the kernel.
 
+mod bind_watch;
 mod bootcount;
 mod children;
 mod config;
@@ -23,6 +24,7 @@ mod logfile;
 mod mounts;
 mod netlink;
 mod network;
+mod notify;
 mod port_proxy;
 mod power;
 mod pty;
@@ -91,6 +93,9 @@ fn main() {
     let supervisor = start_engine(booted.config.docker, &events);
     match booted.config.on_ready {
         OnReady::Stay => {
+            if let Err(e) = bind_watch::spawn(&events) {
+                console::warn(&format!("host file events: {}", console::chain(&e)));
+            }
             let guest = services::AgentGuest {
                 supervisor: supervisor.clone(),
                 events,

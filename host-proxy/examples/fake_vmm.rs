@@ -211,6 +211,7 @@ fn control(mut reader: BufReader<UnixStream>, mut stream: UnixStream, booted: In
                 std::thread::sleep(Duration::from_millis(100));
                 std::process::exit(0); // powered off
             }
+            Request::FileEvents { .. } => Response::Ack,
             Request::Subscribe => {
                 write_frame(&mut stream, &Response::Ack).unwrap();
                 std::thread::sleep(Duration::from_millis(100));

@@ -2,9 +2,10 @@
 //! the `Hello` exchange) and shell sessions on `SHELL_PORT`, framed as the protocol crate says
 //! (4-byte big-endian length, then JSON).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth_protocol::files::FileEvent;
 use berth_protocol::{Request, Response, CONTROL_PORT, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,6 +26,11 @@ pub enum Error {
     Timeout(Duration),
     #[error("the guest agent answered Hello with {0}")]
     BadHello(String),
+    #[error("the guest agent answered {request} with {answer}")]
+    Refused {
+        request: &'static str,
+        answer: String,
+    },
 }
 
 impl From<ConnectError> for Error {
@@ -168,6 +174,60 @@ pub async fn request(vsock: &Path, req: &Request, timeout: Duration) -> Result<R
         .unwrap_or(Err(Error::Timeout(timeout)))
 }
 
+/// Carries host file events (`watch::Watcher`'s batches) to the agent on one control
+/// connection, opened on first use and again after a failure.
+#[derive(Debug)]
+pub struct FileEventSender {
+    vsock: PathBuf,
+    timeout: Duration,
+    connection: Option<Connection>,
+}
+
+impl FileEventSender {
+    /// A sender for the agent behind `vsock`; each request (connecting included) is bounded by
+    /// `timeout`.
+    pub fn new(vsock: PathBuf, timeout: Duration) -> FileEventSender {
+        FileEventSender {
+            vsock,
+            timeout,
+            connection: None,
+        }
+    }
+
+    /// Sends `events` as one or more `FileEvents` requests (each fits a frame), in order. On
+    /// an error the connection is dropped (the next call opens a new one) and the rest of
+    /// `events` is not sent: a stale event is worth less than a prompt next one.
+    pub async fn send(&mut self, events: &[FileEvent]) -> Result<(), Error> {
+        for chunk in berth_protocol::files::request_chunks(events) {
+            let connection = match &mut self.connection {
+                Some(connection) => connection,
+                None => self
+                    .connection
+                    .insert(Connection::open(&self.vsock, self.timeout).await?),
+            };
+            let req = Request::FileEvents {
+                events: chunk.to_vec(),
+            };
+            let answer = connection.request(&req, self.timeout).await;
+            match answer {
+                Ok(Response::Ack) => {}
+                Ok(other) => {
+                    self.connection = None;
+                    return Err(Error::Refused {
+                        request: "file_events",
+                        answer: describe(&other),
+                    });
+                }
+                Err(e) => {
+                    self.connection = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +300,66 @@ mod tests {
                 Request::Stats
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn file_events_go_out_in_frame_sized_requests_on_one_connection() {
+        use berth_protocol::files::{FileEventKind, MAX_EVENTS_PER_REQUEST};
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let hello = Response::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            uptime_ms: 5,
+        };
+        let agent = fake_agent(
+            &vsock,
+            vec![hello, Response::Ack, Response::Ack, Response::Ack],
+        );
+        let events: Vec<FileEvent> = (0..MAX_EVENTS_PER_REQUEST + 1)
+            .map(|i| FileEvent {
+                kind: FileEventKind::Modify,
+                path: format!("/home/u/app/f{i}").into(),
+            })
+            .collect();
+        let mut sender = FileEventSender::new(vsock, Duration::from_secs(5));
+        sender.send(&events).await.unwrap();
+        sender.send(&events[..1]).await.unwrap();
+        drop(sender);
+        let seen = agent.await.unwrap();
+        assert_eq!(seen.len(), 4, "hello and three requests on one connection");
+        let sent: Vec<FileEvent> = seen[1..]
+            .iter()
+            .flat_map(|req| match req {
+                Request::FileEvents { events } => events.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(sent.len(), events.len() + 1);
+        assert_eq!(sent[..events.len()], events[..]);
+    }
+
+    #[tokio::test]
+    async fn an_agent_refusing_file_events_is_an_error_naming_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let hello = Response::Hello {
+            protocol_version: 3,
+            agent_version: "0.0.9".into(),
+            uptime_ms: 5,
+        };
+        let unsupported = Response::Unsupported {
+            request: "file_events".into(),
+        };
+        let _agent = fake_agent(&vsock, vec![hello, unsupported]);
+        let mut sender = FileEventSender::new(vsock, Duration::from_secs(5));
+        let event = FileEvent {
+            kind: berth_protocol::files::FileEventKind::Create,
+            path: "/tmp/x".into(),
+        };
+        let err = sender.send(&[event]).await.unwrap_err();
+        assert!(matches!(err, Error::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("unsupported"), "{err}");
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod passt;
 pub mod ports;
 pub mod settings;
 pub mod vmm;
+pub mod watch;
 
 pub use layout::Layout;
 pub use settings::VmSettings;

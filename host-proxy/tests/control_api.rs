@@ -58,7 +58,7 @@ fn the_status_shows_the_hello_exchange_the_guest_stats_and_the_settings() {
     assert_eq!(status["settings"]["disk_size_gib"], 1);
     assert!(home
         .log()
-        .contains("guest agent fake-agent 9.9 answered Hello: protocol 3, ours 3"));
+        .contains("guest agent fake-agent 9.9 answered Hello: protocol 4, ours 4"));
     proxy.signal(rustix::process::Signal::TERM);
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 pub mod cmdline;
+pub mod files;
 pub mod ports;
 mod shell;
 pub use shell::{
@@ -15,8 +16,8 @@ pub use shell::{
 };
 
 /// Bumped on any incompatible change; `Hello` tells each side the other's. 3: `Subscribe` and
-/// `Event`s, `Unsupported` answers.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// `Event`s, `Unsupported` answers. 4: `FileEvents` and `Event::WatchPaths` (host file events).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Guest port spliced byte for byte to dockerd's `/var/run/docker.sock`.
 pub const DOCKER_API_PORT: u32 = 2375;
 /// Guest port of the control channel (these messages).
@@ -49,17 +50,24 @@ pub enum Request {
     /// Answered `Ack`; from then on the agent pushes `Event` frames on this connection (and
     /// takes no more requests on it) until either side closes it.
     Subscribe,
+    /// Changes the host made under the paths of the last `Event::WatchPaths`, for the agent to
+    /// raise as inotify events in the guest. Answered `Ack` (events it cannot raise are logged,
+    /// not reported: a watcher missing one event is no reason to fail the batch).
+    FileEvents {
+        events: Vec<files::FileEvent>,
+    },
 }
 
 impl Request {
     /// The `type` of every request this side knows, as on the wire.
-    pub const TYPES: [&'static str; 6] = [
+    pub const TYPES: [&'static str; 7] = [
         "hello",
         "health",
         "stats",
         "shutdown",
         "set_clock",
         "subscribe",
+        "file_events",
     ];
 }
 
@@ -109,6 +117,9 @@ pub enum Event {
     },
     /// A supervised daemon is ready to serve again (dockerd answers on its socket).
     DaemonReady { daemon: String },
+    /// The host folders the host should watch for changes: the sources of running containers'
+    /// bind mounts that lie inside a share (the whole set, each time it changes).
+    WatchPaths { paths: Vec<std::path::PathBuf> },
 }
 
 /// Why a frame's body is not a `Request` this side can serve.
@@ -265,6 +276,12 @@ mod tests {
             Request::Shutdown { timeout_secs: 1 },
             Request::SetClock { unix_nanos: 1 },
             Request::Subscribe,
+            Request::FileEvents {
+                events: vec![files::FileEvent {
+                    kind: files::FileEventKind::Modify,
+                    path: "/home/u/app/index.js".into(),
+                }],
+            },
         ] {
             let body = serde_json::to_vec(&req).unwrap();
             let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -300,6 +317,16 @@ mod tests {
         };
         let json = serde_json::to_string(&event).unwrap();
         assert!(json.starts_with(r#"{"event":"daemon_exited""#), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
+
+        let event = Event::WatchPaths {
+            paths: vec!["/home/u/app".into(), "/tmp/test.txt".into()],
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            json,
+            r#"{"event":"watch_paths","paths":["/home/u/app","/tmp/test.txt"]}"#
+        );
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
     }
 
