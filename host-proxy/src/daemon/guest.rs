@@ -1,17 +1,23 @@
 //! The host side of the guest protocol for one VM run: wait for the agent's `Hello` and a
 //! healthy dockerd (`starting` → `running`), then keep a `Subscribe` connection and pass every
-//! pushed `Event` on to the control API's event stream; and the bounded refresh of health and
-//! stats the status asks for.
+//! pushed `Event` on to the control API's event stream — except `WatchPaths`, the shared paths
+//! containers bind-mount, which the host's file watcher follows, its changes sent back to the
+//! agent as `FileEvents`; and the bounded refresh of health and stats the status asks for.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_protocol::{Event, Request, Response, PROTOCOL_VERSION};
 
+use berth_protocol::files::FileEvent;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
 use super::shared::Shared;
 use crate::chain;
 use crate::control::{self, Connection};
 use crate::control_api::model::GuestStats;
+use crate::watch::Watcher;
 
 /// How often a booting guest is asked whether it is up.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -23,15 +29,20 @@ const RESUBSCRIBE: Duration = Duration::from_secs(1);
 pub const STATUS_WAIT: Duration = Duration::from_millis(1500);
 /// At most this many guest events are logged per minute (the guest can cause them).
 const EVENT_LOGS_PER_MINUTE: u32 = 30;
+/// Batches of host file events waiting to be sent to the agent.
+const FILE_EVENT_BATCHES: usize = 16;
+/// How long the agent has to take one batch of file events.
+const FILE_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Follows the guest of `run` until the task is aborted (when the VM stops).
 pub async fn watch(shared: Arc<Shared>, run: u64) {
     wait_until_running(&shared, run).await;
+    let mut files = FileEvents::start(&shared);
     let mut events = RateLimit::new(EVENT_LOGS_PER_MINUTE);
     // The guest decides how often its stream ends: log a few of those, not every one.
     let mut ends = RateLimit::new(EVENT_LOGS_PER_MINUTE / 10);
     loop {
-        let ended = match subscribe(&shared, run, &mut events).await {
+        let ended = match subscribe(&shared, run, &mut events, files.as_mut()).await {
             Ok(Subscription::Unsupported) => {
                 tracing::info!("the guest agent does not push events (an older agent)");
                 return;
@@ -121,6 +132,7 @@ async fn subscribe(
     shared: &Shared,
     run: u64,
     limiter: &mut RateLimit,
+    mut files: Option<&mut FileEvents>,
 ) -> Result<Subscription, control::Error> {
     let mut connection = hello(shared, run, PROBE_TIMEOUT).await?;
     match connection
@@ -139,12 +151,65 @@ async fn subscribe(
     }
     let mut stream = connection.into_stream();
     while let Some(event) = control::read_frame::<_, Event>(&mut stream).await? {
+        if let Event::WatchPaths { paths } = event {
+            tracing::debug!(
+                "the guest's containers bind-mount {} shared paths",
+                paths.len()
+            );
+            if let Some(files) = files.as_deref_mut() {
+                files.watcher.set_paths(paths);
+            }
+            continue;
+        }
         if limiter.allow() {
             tracing::info!("guest event: {event:?}");
         }
         shared.guest_event(run, event);
     }
     Ok(Subscription::Ended)
+}
+
+/// Host file events for the guest of one run: the watcher of the paths the agent names, and the
+/// task that sends its batches to the agent (aborted when this goes).
+struct FileEvents {
+    watcher: Watcher,
+    sender: JoinHandle<()>,
+}
+
+impl FileEvents {
+    /// `None` (logged) when the host cannot watch files: containers then see no host changes.
+    fn start(shared: &Shared) -> Option<FileEvents> {
+        let (batches, mut received) = mpsc::channel::<Vec<FileEvent>>(FILE_EVENT_BATCHES);
+        let watcher = match Watcher::start(batches) {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                tracing::warn!("containers will not see host file changes: {}", chain(&e));
+                return None;
+            }
+        };
+        let mut agent = control::FileEventSender::new(shared.vsock(), FILE_EVENT_TIMEOUT);
+        let sender = tokio::spawn(async move {
+            let mut failures = RateLimit::new(EVENT_LOGS_PER_MINUTE / 10);
+            while let Some(batch) = received.recv().await {
+                if let Err(e) = agent.send(&batch).await {
+                    if failures.allow() {
+                        tracing::warn!(
+                            "cannot pass {} host file events to the guest: {}",
+                            batch.len(),
+                            chain(&e)
+                        );
+                    }
+                }
+            }
+        });
+        Some(FileEvents { watcher, sender })
+    }
+}
+
+impl Drop for FileEvents {
+    fn drop(&mut self) {
+        self.sender.abort();
+    }
 }
 
 /// Asks the guest for its health and stats for the status, within `STATUS_WAIT`; on a timeout
