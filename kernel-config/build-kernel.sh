@@ -19,10 +19,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 flavor=${1:-}
 # Our driver sources, each copied to drivers/misc/ with a Kconfig entry and a Makefile line.
 drivers=("$here/drivers/berth_notify.c")
+# Our changes to Linux's own files (patches/*.patch, -p1), applied once to the shared source
+# tree. They only add what the guest asks for (a mount option), so they are part of the guest's
+# key and not of the test host's.
+patches=("$here"/patches/*.patch)
 case "$flavor" in
   guest)
     fragments=("$here/guest.config" "$here/guest-only.config")
-    keyed=("${fragments[@]}" "${drivers[@]}")
+    keyed=("${fragments[@]}" "${drivers[@]}" "${patches[@]}")
     ;;
   test-host)
     fragments=("$here/guest.config" "$here/test-host.config")
@@ -94,6 +98,19 @@ KCONFIG
     echo 'obj-$(CONFIG_BERTH_NOTIFY) += berth_notify.o' >> "$misc/Makefile"
 }
 install_drivers
+
+# Each patch once: one that reverses cleanly is in already.
+apply_patches() {
+  local p
+  for p in "${patches[@]}"; do
+    if patch -p1 -R --dry-run -s -f -d "$src" < "$p" >/dev/null 2>&1; then
+      continue
+    fi
+    log "applying $(basename "$p")"
+    patch -p1 -N -s -d "$src" < "$p" >&2 || { log "cannot apply $p to $src"; exit 1; }
+  done
+}
+apply_patches
 
 obj="$cache/kernel/obj-$flavor"
 mkdir -p "$obj"

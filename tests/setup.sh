@@ -38,7 +38,7 @@ phase() {
 # share tests.
 packages=(qemu-system-x86 debootstrap curl jq linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
   xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils
-  passt dnsmasq-base iperf3 inotify-tools)
+  passt dnsmasq-base iperf3 inotify-tools patch)
 # The docker CLI the tests drive: whichever is on PATH, else Debian's (docker.io carries it).
 command -v docker >/dev/null || packages+=(docker.io)
 missing=()

@@ -16,8 +16,9 @@
 //!   part lies under a non-empty image directory or under `/` itself, or that passes a symlink.
 //!
 //! Mount options: `ro` for a read-only share; `nosuid,nodev` (host files are no guest devices or
-//! set-uid programs); no `default_permissions`: permission checks are the host's, so guest root
-//! may write exactly what the host user may. A share that fails to mount is one console line;
+//! set-uid programs); `host_permissions` (our kernel's option; Linux otherwise forces
+//! `default_permissions` on virtio-fs): permission checks are the host's, so a container of any
+//! uid may read and write exactly what the host user may. A share that fails to mount is one console line;
 //! the boot goes on.
 
 use std::collections::BTreeSet;
@@ -52,6 +53,8 @@ pub const SYSTEM_DIRS: [&str; 17] = [
 /// Guest directories on a writable tmpfs where missing mount points are simply created.
 pub const WRITABLE_DIRS: [&str; 1] = ["/tmp"];
 const TMPFS_OPTIONS: &str = "mode=0755,size=1m,nr_inodes=4096";
+/// The virtio-fs mount option of Berth's guest kernel that leaves permission checks to the host.
+const HOST_PERMISSIONS: &str = "host_permissions";
 const DIR_MODE: u32 = 0o755;
 
 /// Errors of this module; each names the operation that failed.
@@ -275,13 +278,27 @@ fn mount_one(p: &Planned, tmpfs_done: &mut BTreeSet<PathBuf>) -> Result<(), Erro
     if p.share.read_only {
         flags |= libc::MS_RDONLY;
     }
-    mounts::mount(&mounts::Mount {
-        source: &p.share.tag,
-        target: &p.share.path,
-        fstype: "virtiofs",
-        flags,
-        data: "",
-    })?;
+    let mount = |data| {
+        mounts::mount(&mounts::Mount {
+            source: &p.share.tag,
+            target: &p.share.path,
+            fstype: "virtiofs",
+            flags,
+            data,
+        })
+    };
+    // Berth's guest kernel takes `host_permissions` (kernel-config/patches): the host decides
+    // every access as the user Berth runs as. A kernel without it checks against the owner and
+    // mode the host reports, so only root and the host user's uid may write there.
+    if let Err(e) = mount(HOST_PERMISSIONS) {
+        console::warn(&format!(
+            "{}: the kernel refused {HOST_PERMISSIONS} ({}); mounting with the guest's own \
+             permission checks",
+            p.share.path.display(),
+            console::chain(&e)
+        ));
+        mount("")?;
+    }
     Ok(())
 }
 
