@@ -443,6 +443,46 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// The MAC address the VMM's `--net` flag gives the guest unless told otherwise.
+pub const DEFAULT_NET_MAC: &str = "52:54:00:12:34:56";
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// The VMM's hand-use `--net` flag: `SOCKET[,mac=MAC][,mtu=MTU]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut net = NetConfig {
+            socket: PathBuf::new(),
+            mac: DEFAULT_NET_MAC.into(),
+            mtu: DEFAULT_NET_MTU,
+        };
+        let mut rest = s;
+        // Options are taken from the end, so a path may itself contain commas.
+        while let Some((head, option)) = rest.rsplit_once(',') {
+            if let Some(mac) = option.strip_prefix("mac=") {
+                parse_mac(mac)?;
+                net.mac = mac.into();
+            } else if let Some(mtu) = option.strip_prefix("mtu=") {
+                net.mtu = mtu
+                    .parse()
+                    .ok()
+                    .filter(|mtu| (MIN_NET_MTU..=DEFAULT_NET_MTU).contains(mtu))
+                    .ok_or_else(|| {
+                        format!("mtu {mtu:?}: choose between {MIN_NET_MTU} and {DEFAULT_NET_MTU}")
+                    })?;
+            } else {
+                break;
+            }
+            rest = head;
+        }
+        if rest.is_empty() {
+            return Err("a network needs a socket: --net SOCKET[,mac=MAC][,mtu=MTU]".into());
+        }
+        net.socket = rest.into();
+        Ok(net)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -566,6 +606,31 @@ mod tests {
         );
         let e = err("not json");
         assert!(e.starts_with("field `(top level)`: expected"), "{e}");
+    }
+
+    #[test]
+    fn net_flags_parse() {
+        let net: NetConfig = "/run/passt.sock".parse().unwrap();
+        assert_eq!(net.socket, PathBuf::from("/run/passt.sock"));
+        assert_eq!(
+            (net.mac.as_str(), net.mtu),
+            (DEFAULT_NET_MAC, DEFAULT_NET_MTU)
+        );
+        let net: NetConfig = "/a,b.sock,mac=02:00:00:00:00:01,mtu=1500".parse().unwrap();
+        assert_eq!(net.socket, PathBuf::from("/a,b.sock"));
+        assert_eq!((net.mac.as_str(), net.mtu), ("02:00:00:00:00:01", 1500));
+        assert!("/s,mac=zz"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("not a MAC address"));
+        assert!("/s,mtu=70000"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("choose between"));
+        assert!(""
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("needs a socket"));
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use berth_machine::{DeviceConfig, DiskConfig, VmConfig, VmmExit, VsockConfig, GUEST_CID};
+use berth_machine::{
+    DeviceConfig, DiskConfig, NetConfig, VmConfig, VmmExit, VsockConfig, GUEST_CID,
+};
 use berth_vmm::exit::ExitReason;
 use clap::{ArgGroup, Parser};
 
@@ -54,6 +56,10 @@ struct Args {
     /// `PATH_P`.
     #[arg(long, value_name = "PATH", group = "flags")]
     vsock: Option<PathBuf>,
+    /// Give the guest a virtio-net device whose backend is this unix stream socket (passt
+    /// `-s SOCKET`, gvproxy): SOCKET[,mac=MAC][,mtu=MTU].
+    #[arg(long, value_name = "SOCKET[,mac=MAC][,mtu=MTU]", group = "flags")]
+    net: Option<NetConfig>,
     /// Serve the VMM API (ping, orderly stop) on this unix socket.
     #[arg(long, value_name = "PATH", group = "flags")]
     api_socket: Option<PathBuf>,
@@ -82,6 +88,9 @@ impl Args {
                 cid: GUEST_CID,
                 socket,
             }));
+        }
+        if let Some(net) = self.net {
+            config.devices.push(DeviceConfig::Net(net));
         }
         config.serial_log = self.serial_log;
         config.console = self.console;
@@ -139,6 +148,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("berth-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_net_flag_adds_a_net_device() {
+        let config = parse(&["--kernel", "/k", "--net", "/p.sock,mtu=1500"])
+            .unwrap()
+            .vm_config()
+            .unwrap();
+        let net = config.devices.iter().find_map(|d| match d {
+            DeviceConfig::Net(net) => Some(net),
+            _ => None,
+        });
+        assert_eq!(net, Some(&"/p.sock,mtu=1500".parse::<NetConfig>().unwrap()));
+        config.check().unwrap();
+        assert!(parse(&["--kernel", "/k", "--net", "/p.sock,mtu=9"]).is_err());
     }
 
     #[test]

@@ -253,6 +253,27 @@ impl<'a> Context<'a> {
         &mut self.registry
     }
 
+    /// Queue `index` itself and the guest memory, for a device that must place several chains
+    /// in the used ring at once (net's mergeable RX buffers: the driver must see every buffer
+    /// of a frame together). `serve` returns its result and whether it owes the driver a
+    /// used-ring interrupt, which is raised once at the end of the batch.
+    pub(crate) fn with_queue<R>(
+        &mut self,
+        index: usize,
+        serve: impl FnOnce(&GuestMemory, &mut Queue) -> (R, bool),
+    ) -> Option<R> {
+        let Queues {
+            mem,
+            queues,
+            signal,
+            ..
+        } = &mut *self.queues;
+        let (queue, _) = queues.get_mut(index)?;
+        let (result, owes_interrupt) = serve(mem, queue);
+        *signal |= owes_interrupt;
+        Some(result)
+    }
+
     /// Serves queue `index`'s available chains with `serve` until the queue is empty or `serve`
     /// answers [`Served::Later`], with the driver's notifications off meanwhile; the used-ring
     /// interrupt this owes (per EVENT_IDX) is raised once at the end of the batch.
