@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use berth_machine::DeviceConfig;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::vsock::{Muxer, Vsock};
 use crate::devices::virtio::{mmio, Block, MmioTransport, Rng, VirtioDevice};
 use crate::devices::{bus, Bus};
@@ -182,8 +183,11 @@ pub fn build_device(index: usize, config: &DeviceConfig) -> Result<Box<dyn Virti
                 .map_err(|e| failed(format!("vsock {}", vsock.socket.display()))(e.into()))?;
             Box::new(Vsock::new(vsock.cid, muxer))
         }
+        DeviceConfig::Fs(fs) => {
+            Box::new(Fs::new(fs).map_err(|e| failed(format!("fs share {:?}", fs.tag))(e.into()))?)
+        }
         // Replaced by the devices themselves (issues 9 and 10).
-        DeviceConfig::Net(_) | DeviceConfig::Fs(_) => {
+        DeviceConfig::Net(_) => {
             return Err(failed("device".into())(
                 "this VMM has no such device yet".into(),
             ))
