@@ -67,7 +67,7 @@ impl Fs {
 
 /// The share's file system: the passthrough file system rooted at the share's directory (its
 /// canonical path: the passthrough refuses a root that is a symlink), behind [`ShareFs`].
-fn open_share(config: &FsConfig, euid: u32) -> Result<ShareFs, Error> {
+pub(super) fn open_share(config: &FsConfig, euid: u32) -> Result<ShareFs, Error> {
     let path = config.path.as_path();
     let not_found = |source| Error::Open {
         path: path.to_owned(),

@@ -56,6 +56,8 @@
 //! entries and attributes valid for [`ATTR_TIMEOUT`]; xattrs are passed through.
 
 mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod request;
 mod share;
 
