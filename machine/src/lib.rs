@@ -483,6 +483,39 @@ impl std::str::FromStr for NetConfig {
     }
 }
 
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// The VMM's hand-use `--fs` flag: `TAG=PATH[,ro|,rw]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tag, mut rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: a share is TAG=PATH[,ro]"))?;
+        check_fs_tag(tag)?;
+        // Options are taken from the end, so a path may itself contain commas; the last one
+        // given wins.
+        let mut read_only = None;
+        while let Some((head, option)) = rest.rsplit_once(',') {
+            let ro = match option {
+                "ro" => true,
+                "rw" => false,
+                _ => break,
+            };
+            read_only.get_or_insert(ro);
+            rest = head;
+        }
+        let read_only = read_only.unwrap_or(false);
+        if rest.is_empty() {
+            return Err("a share needs a path: --fs TAG=PATH[,ro]".into());
+        }
+        Ok(FsConfig {
+            tag: tag.to_string(),
+            path: rest.into(),
+            read_only,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -664,6 +697,33 @@ mod tests {
         assert!(disk(",ro").is_err());
         assert!(disk("a.img,serial=has space").is_err());
         assert!(disk("a.img,serial=abcdefghijklmnopqrstu").is_err());
+    }
+
+    #[test]
+    fn fs_flags_parse() {
+        let fs = |s: &str| s.parse::<FsConfig>();
+        assert_eq!(
+            fs("home=/home/u").unwrap(),
+            FsConfig {
+                tag: "home".into(),
+                path: "/home/u".into(),
+                read_only: false
+            }
+        );
+        assert_eq!(
+            fs("src=/x/a,b=c,ro").unwrap(),
+            FsConfig {
+                tag: "src".into(),
+                path: "/x/a,b=c".into(),
+                read_only: true
+            }
+        );
+        assert!(!fs("t=/p,ro,rw").unwrap().read_only);
+        assert!(fs("t=/p,rw,ro").unwrap().read_only);
+        assert!(fs("/no/tag").is_err());
+        assert!(fs("t=,ro").is_err());
+        assert!(fs("=/p").is_err());
+        assert!(fs("has space=/p").is_err());
     }
 
     #[test]

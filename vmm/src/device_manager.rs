@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use berth_machine::DeviceConfig;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::{Muxer, Vsock};
 use crate::devices::virtio::{mmio, Block, MmioTransport, Rng, VirtioDevice};
@@ -187,11 +188,8 @@ pub fn build_device(index: usize, config: &DeviceConfig) -> Result<Box<dyn Virti
             Net::new(&net.socket, &net.mac, net.mtu)
                 .map_err(|e| failed(format!("net {}", net.socket.display()))(e.into()))?,
         ),
-        // Replaced by the devices themselves (issues 9 and 10).
-        DeviceConfig::Fs(_) => {
-            return Err(failed("device".into())(
-                "this VMM has no such device yet".into(),
-            ))
+        DeviceConfig::Fs(fs) => {
+            Box::new(Fs::new(fs).map_err(|e| failed(format!("fs share {:?}", fs.tag))(e.into()))?)
         }
     })
 }

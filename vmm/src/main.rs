@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use berth_machine::{
-    DeviceConfig, DiskConfig, NetConfig, VmConfig, VmmExit, VsockConfig, GUEST_CID,
+    DeviceConfig, DiskConfig, FsConfig, NetConfig, VmConfig, VmmExit, VsockConfig, GUEST_CID,
 };
 use berth_vmm::exit::ExitReason;
 use clap::{ArgGroup, Parser};
@@ -42,6 +42,10 @@ struct Args {
     /// Repeat for more; they appear as vda, vdb, ...
     #[arg(long = "disk", value_name = "PATH[,ro][,serial=NAME]", group = "flags")]
     disks: Vec<DiskConfig>,
+    /// Share a host directory with the guest (virtio-fs): `mount -t virtiofs TAG DIR` there.
+    /// Repeat for more.
+    #[arg(long = "fs", value_name = "TAG=PATH[,ro]", group = "flags")]
+    shares: Vec<FsConfig>,
     /// Leave out the virtio entropy device.
     #[arg(long, group = "flags")]
     no_rng: bool,
@@ -80,6 +84,9 @@ impl Args {
         config
             .devices
             .extend(self.disks.into_iter().map(DeviceConfig::Disk));
+        config
+            .devices
+            .extend(self.shares.into_iter().map(DeviceConfig::Fs));
         if !self.no_rng {
             config.devices.push(DeviceConfig::Rng);
         }
@@ -174,6 +181,8 @@ mod tests {
             "/r.img,ro,serial=berth-root",
             "--disk",
             "/d.img",
+            "--fs",
+            "home=/home/u,ro",
             "--vsock",
             "/v.sock",
             "--api-socket",
@@ -186,6 +195,11 @@ mod tests {
         want.devices = vec![
             DeviceConfig::Disk("/r.img,ro,serial=berth-root".parse().unwrap()),
             DeviceConfig::Disk("/d.img".parse().unwrap()),
+            DeviceConfig::Fs(FsConfig {
+                tag: "home".into(),
+                path: "/home/u".into(),
+                read_only: true,
+            }),
             DeviceConfig::Rng,
             DeviceConfig::Vsock(VsockConfig {
                 cid: GUEST_CID,

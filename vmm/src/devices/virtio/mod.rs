@@ -29,6 +29,7 @@ macro_rules! warn_rate_limited {
 
 pub mod block;
 pub mod event_loop;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
