@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_host_proxy::api::{ApiSocket, Forwarder};
+use berth_host_proxy::api::{ApiSocket, Forwarder, MountPolicy};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -154,6 +154,7 @@ fn rig(connect_timeout: Duration) -> (Rig, tokio::task::JoinHandle<()>) {
     let forwarder = Arc::new(Forwarder {
         vsock: vsock.clone(),
         connect_timeout,
+        mounts: MountPolicy::default(),
     });
     let server = tokio::spawn(async move { api.serve(forwarder).await });
     (
