@@ -778,3 +778,25 @@ async fn malformed_request_heads_close_the_connection_and_the_proxy_goes_on() {
     let (status, _, _) = exchange(&mut client, b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
 }
+
+#[tokio::test]
+async fn a_create_that_expects_100_continue_gets_it_and_is_forwarded_whole() {
+    let (rig, _seen, _tasks) = shares_rig();
+    let mut client = connect(&rig).await;
+    let body = binds(&["/home/u/a:/a"]);
+    let head = format!(
+        "POST /containers/create HTTP/1.1\r\nHost: d\r\nExpect: 100-continue\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.get_mut().write_all(head.as_bytes()).await.unwrap();
+    let mut interim = vec![0u8; b"HTTP/1.1 100 Continue\r\n\r\n".len()];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut interim))
+        .await
+        .expect("the client would wait for 100 Continue forever")
+        .unwrap();
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let (status, _, echoed) = exchange(&mut client, body.as_bytes()).await;
+    assert_eq!(status, "HTTP/1.1 201 Created");
+    assert_eq!(echoed, [head.into_bytes(), body.into_bytes()].concat());
+}

@@ -673,3 +673,104 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_are_found_under_any_version_query_or_encoding() {
+        for target in [
+            "/containers/create",
+            "/v1.43/containers/create?name=web",
+            "/v1.24/containers/create",
+            "http://docker/v1.43/containers/create",
+            "/containers/%63reate",
+            "/containers//create",
+            "/x/../containers/create",
+            "/services/create",
+            "/v1.41/services/abc123/update?version=7",
+        ] {
+            assert_eq!(route("POST", target), Route::Checked, "{target}");
+        }
+        for (method, target) in [
+            ("GET", "/containers/create"),
+            ("POST", "/containers/abc/start"),
+            ("POST", "/vx/containers/create"),
+            ("POST", "/containers/create/extra"),
+            ("POST", "/build"),
+        ] {
+            assert_eq!(route(method, target), Route::Plain, "{method} {target}");
+        }
+        assert_eq!(
+            route("POST", "/v1.43/containers/abc/attach?stdin=1"),
+            Route::Upgrade
+        );
+        assert_eq!(route("POST", "/exec/abc/start"), Route::Upgrade);
+    }
+
+    fn parse(head: &[u8]) -> Result<Head, Error> {
+        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(head).map_err(Error::ParseHead)? {
+            httparse::Status::Complete(len) => super::head(&request, len),
+            httparse::Status::Partial => panic!("partial head"),
+        }
+    }
+
+    #[test]
+    fn heads_give_the_body_framing_and_ambiguous_ones_are_refused() {
+        let h = parse(b"POST /build HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        let h = parse(b"POST /x HTTP/1.1\r\ncontent-length: 12\r\nContent-Length: 12\r\n\r\n");
+        assert_eq!(h.unwrap().framing, Framing::Length(12));
+        let h = parse(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n").unwrap();
+        assert_eq!(
+            (h.framing, h.route, h.close),
+            (Framing::Length(0), Route::Plain, false)
+        );
+        let h = parse(b"GET /_ping HTTP/1.0\r\n\r\n").unwrap();
+        assert!(h.close, "HTTP/1.0 closes by default");
+        let h = parse(b"POST /session HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n");
+        assert_eq!(h.unwrap().route, Route::Upgrade);
+        for bad in [
+            &b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.bad_request(), "{err}");
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines_parse_strictly() {
+        assert_eq!(chunk_size(b"1a\r\n").unwrap(), 26);
+        assert_eq!(chunk_size(b"0\r\n").unwrap(), 0);
+        assert_eq!(chunk_size(b"10;name=value\r\n").unwrap(), 16);
+        assert_eq!(chunk_size(b"ff\n").unwrap(), 255);
+        for bad in [
+            &b"\r\n"[..],
+            b"zz\r\n",
+            b"-1\r\n",
+            b"1a",
+            b"11111111111111111\r\n",
+        ] {
+            assert!(matches!(chunk_size(bad), Err(Error::Chunk)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_json_answer_is_framed_and_says_whether_it_closes() {
+        let kept = String::from_utf8(json_response("400 Bad Request", "no", false, false)).unwrap();
+        let (head, body) = kept.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(!head.contains("Connection: close"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert_eq!(body, r#"{"message":"no"}"#);
+        let closing = String::from_utf8(json_response("413 Payload Too Large", "x", true, false));
+        assert!(closing.unwrap().contains("Connection: close\r\n"));
+    }
+}
