@@ -1,7 +1,14 @@
-//! The Docker API socket (`run/docker.sock`): every client connection is spliced byte for byte
-//! to dockerd's socket in the guest (vsock port 2375), so HTTP upgrades (attach, exec, build)
-//! and streams (logs, events) work unchanged. When the guest cannot be reached the client gets
-//! a well-formed `503` with a JSON `message`, never a hang.
+//! The Docker API socket (`run/docker.sock`): every client connection goes to dockerd's socket
+//! in the guest (vsock port 2375) byte for byte, so HTTP upgrades (attach, exec, build) and
+//! streams (logs, events) work unchanged; only requests that create a container or service are
+//! held and checked first, so a bind mount of a host folder that is not shared is refused with
+//! a clear message ([`mounts`], [`http`]). When the guest cannot be reached the client gets a
+//! well-formed `503` with a JSON `message`, never a hang.
+
+pub mod http;
+pub mod mounts;
+
+pub use mounts::{Denied, MountPolicy, GUEST_PATHS};
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,8 +21,6 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::hybrid::{self, ConnectError};
 
-/// Buffer per direction of a splice.
-const SPLICE_BUF: usize = 64 * 1024;
 /// How long a client that gets a 503 has to send its request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -39,6 +44,8 @@ pub struct Forwarder {
     pub vsock: PathBuf,
     /// How long the guest may take to accept a connection before the client gets a 503.
     pub connect_timeout: Duration,
+    /// Which host paths containers may bind-mount.
+    pub mounts: MountPolicy,
 }
 
 /// The listening Docker socket; removed on drop unless another process has replaced it.
@@ -122,24 +129,13 @@ impl Drop for ApiSocket {
     }
 }
 
-/// Serves one client: splices it to dockerd, or answers 503.
-pub async fn forward(mut client: UnixStream, forwarder: &Forwarder) {
+/// Serves one client: forwards it to dockerd (checking mounts), or answers 503.
+pub async fn forward(client: UnixStream, forwarder: &Forwarder) {
     match hybrid::connect(&forwarder.vsock, DOCKER_API_PORT, forwarder.connect_timeout).await {
-        Ok(mut guest) => {
-            match tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut guest,
-                SPLICE_BUF,
-                SPLICE_BUF,
-            )
-            .await
-            {
-                Ok((up, down)) => {
-                    tracing::debug!("docker connection done: {up} B up, {down} B down")
-                }
-                Err(e) => tracing::debug!("docker connection ended: {e}"),
-            }
-        }
+        Ok(guest) => match http::splice(client, guest, &forwarder.mounts).await {
+            Ok(()) => tracing::debug!("docker connection done"),
+            Err(e) => tracing::debug!("docker connection ended: {}", crate::chain(&e)),
+        },
         Err(e) => {
             tracing::info!("docker client answered 503: {e}");
             answer_unavailable(client, &e).await;
@@ -162,20 +158,7 @@ pub fn unavailable_message(err: &ConnectError) -> String {
 
 /// A complete HTTP/1.1 503 response carrying `{"message": ...}` (no body for `HEAD`).
 pub fn unavailable_response(message: &str, head_request: bool) -> Vec<u8> {
-    let body = serde_json::json!({ "message": message }).to_string();
-    let mut response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\n\
-         Content-Type: application/json\r\n\
-         Content-Length: {}\r\n\
-         Connection: close\r\n\
-         \r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_request {
-        response.extend_from_slice(body.as_bytes());
-    }
-    response
+    http::json_response("503 Service Unavailable", message, true, head_request)
 }
 
 async fn answer_unavailable(mut client: UnixStream, err: &ConnectError) {
