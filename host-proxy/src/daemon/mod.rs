@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 pub use guest::refresh as refresh_guest;
 pub use shared::{Answer, Ask, Shared};
 
-use crate::api::{ApiSocket, Forwarder, MountPolicy};
+use crate::api::{ApiSocket, Forwarder};
 use crate::layout::Layout;
 use crate::lock;
 
@@ -109,7 +109,7 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
     let forwarder = Arc::new(Forwarder {
         vsock: layout.vsock_socket(),
         connect_timeout: config.connect_timeout,
-        mounts: MountPolicy::default(),
+        mounts: shared.mounts.clone(),
     });
     if config.start {
         shared.ask(Ask::Start, None);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use berth_protocol::PROTOCOL_VERSION;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::api::MountPolicy;
 use crate::config::{self, Config};
 use crate::control::Hello;
 use crate::control_api::model::{
@@ -58,6 +59,9 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// How long the guest has to power off when a stop names no timeout.
     pub default_stop_timeout: Duration,
+    /// Which host paths containers may bind-mount: the running VM's shares (the Docker API
+    /// socket refuses the others).
+    pub mounts: MountPolicy,
     inner: Mutex<Inner>,
     events: broadcast::Sender<ApiEvent>,
     /// Turns true when the host proxy quits: event streams then end cleanly.
@@ -98,6 +102,7 @@ impl Shared {
             layout,
             connect_timeout,
             default_stop_timeout,
+            mounts: MountPolicy::default(),
             inner: Mutex::new(Inner {
                 state: StateChange {
                     state: VmState::Stopped,
@@ -252,6 +257,12 @@ impl Shared {
 
     /// The VMM of `run` is up.
     pub fn vmm_started(&self, run: u64, pid: Option<u32>, settings: VmSettings) {
+        let mut shared_paths = Vec::new();
+        for share in &settings.shares {
+            shared_paths.push(share.path.clone());
+            shared_paths.extend(share.alias.clone());
+        }
+        self.mounts.set_shares(shared_paths);
         let mut inner = self.lock();
         if inner.run == run {
             inner.vmm_pid = pid;
