@@ -13,7 +13,7 @@ use std::time::Duration;
 pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
 
 /// Pending connections per listener.
-const BACKLOG: libc::c_int = 128;
+const BACKLOG: libc::c_int = 1024;
 
 /// Errors of this module; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]

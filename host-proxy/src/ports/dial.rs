@@ -36,9 +36,7 @@ pub async fn dial(
     timeout: Duration,
 ) -> Result<UnixStream, DialError> {
     let exchange = async {
-        let mut stream = hybrid::connect(vsock, DIAL_PORT, timeout)
-            .await
-            .map_err(DialError::Connect)?;
+        let mut stream = connect(vsock, timeout).await?;
         control::write_frame(&mut stream, &Dial { proto, ip, port })
             .await
             .map_err(DialError::Exchange)?;
@@ -54,6 +52,22 @@ pub async fn dial(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Err(DialError::Timeout(timeout)))
+}
+
+/// Connects to the dial service. A burst of connections can overflow the guest listener's
+/// backlog, which the guest answers with a reset (`Refused`): that is tried again, a little later
+/// each time, until `timeout` (the caller's bound) runs out.
+async fn connect(vsock: &Path, timeout: Duration) -> Result<UnixStream, DialError> {
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match hybrid::connect(vsock, DIAL_PORT, timeout).await {
+            Err(ConnectError::Refused { .. }) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other.map_err(DialError::Connect),
+        }
+    }
 }
 
 /// Writes one datagram frame (2-byte big-endian length, then the payload) in one write.
