@@ -118,7 +118,8 @@ impl Client {
             major: 7,
             minor: 31,
             max_readahead: 128 << 10,
-            flags: 0,
+            // What Linux 6.1's virtio-fs offers among the options a share wants.
+            flags: GUEST_INIT_FLAGS,
         };
         self.call(Opcode::Init, 0, init.as_slice()).ok().obj()
     }
@@ -307,6 +308,18 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// FUSE_INIT flags (include/uapi/linux/fuse.h).
+const FUSE_ASYNC_READ: u32 = 1 << 0;
+const FUSE_BIG_WRITES: u32 = 1 << 5;
+const FUSE_AUTO_INVAL_DATA: u32 = 1 << 12;
+const FUSE_PARALLEL_DIROPS: u32 = 1 << 18;
+const FUSE_MAX_PAGES: u32 = 1 << 22;
+const GUEST_INIT_FLAGS: u32 = FUSE_ASYNC_READ
+    | FUSE_BIG_WRITES
+    | FUSE_AUTO_INVAL_DATA
+    | FUSE_PARALLEL_DIROPS
+    | FUSE_MAX_PAGES;
+
 #[test]
 fn init_handshake_and_config_space() {
     let dir = Dir::new();
@@ -321,7 +334,14 @@ fn init_handshake_and_config_space() {
 
     let out = client.init();
     assert_eq!((out.major, out.minor), (7, 33));
-    assert!(out.max_write >= 4096, "{out:?}");
+    // 1 MiB requests: without BIG_WRITES and MAX_PAGES every write would be a 4 KiB request.
+    assert_eq!(out.max_write, 1 << 20, "{out:?}");
+    assert_eq!(out.max_pages, 256, "{out:?}");
+    assert_ne!(
+        out.flags & FUSE_AUTO_INVAL_DATA,
+        0,
+        "host edits invalidate cached pages"
+    );
     let attr: AttrOut = client.getattr(ROOT).ok().obj();
     assert_eq!(attr.attr.mode & libc::S_IFMT, libc::S_IFDIR);
     assert_eq!(attr.attr.ino, fs::metadata(dir.share()).unwrap().ino());
