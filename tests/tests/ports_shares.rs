@@ -61,6 +61,23 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     expect("read-only-share-reads", "read-only-content");
     expect("read-only-share-refuses", "ead-only");
     expect("escapes-refused", "");
+    // Host changes reach inotify watchers in a container, within 500 ms, leaving the file as
+    // the host wrote it.
+    for (step, what) in [
+        ("inotify-create", "CREATE"),
+        ("inotify-modify", "MODIFY"),
+        ("inotify-mkdir", "CREATE,ISDIR"),
+        ("inotify-create-in-new-dir", "CREATE"),
+        ("inotify-rename-from", "MOVED_FROM"),
+        ("inotify-rename-to", "MOVED_TO"),
+        ("inotify-delete", "DELETE"),
+        ("inotify-attrib", "ATTRIB"),
+    ] {
+        expect(step, what);
+    }
+    expect("inotify-modify-keeps-content-and-mtime", "in the container");
+    expect("inotify-burst-bounded", "events for 2000 files");
+    expect("inotify-no-storm", "lines");
     expect("ports-closed-after-stop", "curl http://127.0.0.1:8080");
     for step in [
         "config",
@@ -75,6 +92,9 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
         "user-network",
         "run-seed",
         "container-files-owner",
+        "import-inotify",
+        "run-watcher",
+        "watcher-ready",
         "final-stop",
     ] {
         expect(step, "");
