@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: setup (tests/setup.sh), then `cargo test --workspace --release` (unit
 # tests, native KVM payload tests, and the end-to-end tests that boot Linux guests — directly on
-# hardware KVM, else in the nested rig), then the boot and docker benchmarks (figures beside
+# hardware KVM, else in the nested rig), then the boot, docker, and ports and shares benchmarks (figures beside
 # their baselines; each fails the suite when what it times stops working: a VM that misses
 # readiness, a docker command that fails).
 # Fails (non-zero) if anything is missing or fails; no Linux-booting test is ever skipped.
@@ -39,6 +39,12 @@ t1=$SECONDS
 (cd "$repo" && cargo test --workspace --release "$@")
 t_test=$((SECONDS - t1))
 
+# The guest-facing parsers of the net and fs devices, fuzzed briefly (longer by hand:
+# vmm/fuzz/run.sh SECONDS).
+t_f=$SECONDS
+"$repo/vmm/fuzz/run.sh" "${BERTH_FUZZ_SECONDS:-30}"
+t_fuzz=$((SECONDS - t_f))
+
 # Benchmarks print figures beside their baselines; they fail only when what they time breaks.
 t2=$SECONDS
 boot_status=0
@@ -59,12 +65,19 @@ for attempt in 1 2; do
 done
 rm -f "$bench_log"
 t_docker=$((SECONDS - t3))
+t4=$SECONDS
+net_status=0
+"$repo/tests/bench/ports-shares.sh" || net_status=$?
+t_net=$((SECONDS - t4))
 
-echo "run-tests: setup ${t_setup} s, cargo test ${t_test} s, boot benchmark ${t_boot} s, docker benchmark ${t_docker} s"
+echo "run-tests: setup ${t_setup} s, cargo test ${t_test} s, fuzz ${t_fuzz} s, boot benchmark ${t_boot} s, docker benchmark ${t_docker} s, ports and shares benchmark ${t_net} s"
 if [ "$boot_status" != 0 ]; then
   echo "run-tests: the boot benchmark failed (status $boot_status): a VM did not reach readiness" >&2
 fi
 if [ "$docker_status" != 0 ]; then
   echo "run-tests: the docker benchmark failed (status $docker_status): what it measures stopped working; see its logs above" >&2
 fi
-[ "$boot_status" = 0 ] && [ "$docker_status" = 0 ]
+if [ "$net_status" != 0 ]; then
+  echo "run-tests: the ports and shares benchmark failed (status $net_status): what it measures stopped working; see its logs above" >&2
+fi
+[ "$boot_status" = 0 ] && [ "$docker_status" = 0 ] && [ "$net_status" = 0 ]
