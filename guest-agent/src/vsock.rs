@@ -77,6 +77,23 @@ pub fn set_read_timeout(socket: &impl AsFd, timeout: Option<Duration>) -> std::i
 }
 
 /// A listening AF_VSOCK socket bound to `VMADDR_CID_ANY:<port>`.
+/// A fresh AF_VSOCK stream socket and the address of `cid:port`.
+fn socket(cid: u32, port: u32) -> Result<(OwnedFd, libc::sockaddr_vm), Error> {
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(Error::Socket(std::io::Error::last_os_error()));
+    }
+    // SAFETY: socket just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is valid and fills the reserved fields.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = cid;
+    Ok((fd, addr))
+}
+
 #[derive(Debug)]
 pub struct VsockListener {
     fd: OwnedFd,
@@ -85,19 +102,7 @@ pub struct VsockListener {
 
 impl VsockListener {
     pub fn bind(port: u32) -> Result<VsockListener, Error> {
-        // SAFETY: socket(2) with constant arguments; the result is checked below.
-        let raw =
-            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(Error::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: socket just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_vm is plain data; all-zero is valid and fills the reserved fields.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_port = port;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
+        let (fd, addr) = socket(libc::VMADDR_CID_ANY, port)?;
         // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its exact size.
         let rc = unsafe {
             libc::bind(
@@ -159,19 +164,7 @@ impl VsockStream {
     /// the wait (vsock's connect timeout, 2 s by default); no listener there is `ECONNRESET`
     /// or `ECONNREFUSED`, depending on the VMM.
     pub fn connect(cid: u32, port: u32) -> Result<VsockStream, Error> {
-        // SAFETY: socket(2) with constant arguments; the result is checked below.
-        let raw =
-            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(Error::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: socket just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_vm is plain data; all-zero is valid and fills the reserved fields.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_port = port;
-        addr.svm_cid = cid;
+        let (fd, addr) = socket(cid, port)?;
         // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its exact size.
         let rc = unsafe {
             libc::connect(
