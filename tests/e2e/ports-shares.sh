@@ -160,6 +160,23 @@ for d in $(seq 0 199); do mkdir "$work/many/d$d"; for f in $(seq 0 99); do echo 
 check many-files sh -c "host=\$(cd '$work/many' && find . -type f | sort | xargs cat | sha256sum | cut -d' ' -f1); guest=\$(docker run --rm -v '$work/many:/m' -w /m $img sh -c 'find . -type f | sort | xargs cat | sha256sum' | cut -d' ' -f1); n=\$(docker run --rm -v '$work/many:/m' $img sh -c 'find /m -type f | wc -l'); echo \"files \$n host \$host guest \$guest\"; [ \"\$n\" = 20000 ] && [ \"\$host\" = \"\$guest\" ]"
 check read-only-share-reads docker run --rm -v "$ro_share:/ro" "$img" cat /ro/ro.txt
 check read-only-share-refuses sh -c "out=\$(docker run --rm -v '$ro_share:/ro' $img sh -c 'echo x > /ro/new.txt' 2>&1); echo \"\$out\"; [ ! -e '$ro_share/new.txt' ] && echo \"\$out\" | grep -qi 'read-only'"
+mkdir -p "$work/sem"
+cp "$(dirname "${BASH_SOURCE[0]}")/share-semantics.sh" "$work/share-semantics.sh"
+check share-semantics docker run --rm -v "$work:$work" "$img" sh "$work/share-semantics.sh" "$work/sem"
+# O_APPEND from two containers at once: every line whole, none lost.
+printf '%s\n' 'i=0; while [ $i -lt 200 ]; do echo "container-$1-line-$i" >> /sem/log; i=$((i + 1)); done' > "$work/append.sh"
+appenders() {
+  local c
+  for c in 1 2; do
+    docker run -d --name "app$c" -v "$work/sem:/sem" -v "$work/append.sh:/append.sh" "$img" sh /append.sh "$c" >/dev/null || return 1
+  done
+  docker wait app1 app2 >/dev/null && docker rm app1 app2 >/dev/null
+  local n
+  n=$(grep -cE '^container-[12]-line-[0-9]+$' "$work/sem/log")
+  echo "$n whole lines of 400, $(wc -l < "$work/sem/log") in all"
+  [ "$n" = 400 ] && [ "$(wc -l < "$work/sem/log")" = 400 ]
+}
+check append-two-containers appenders
 mkdir -p "$work/esc"
 ln -s "$secret_dir/secret.txt" "$work/esc/absolute-link"
 ln -s "../../../../../../../..$secret_dir/secret.txt" "$work/esc/relative-link"

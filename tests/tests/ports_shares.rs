@@ -61,6 +61,23 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     expect("read-only-share-reads", "read-only-content");
     expect("read-only-share-refuses", "ead-only");
     expect("escapes-refused", "");
+    for property in [
+        "rename-over",
+        "unlink-open",
+        "big-sparse",
+        "sparse-blocks",
+        "long-name",
+        "non-utf8-name",
+        "flock-excludes",
+        "fsync-read",
+        "symlink-in-share",
+        "hard-link",
+        "rename-dir",
+        "chmod",
+    ] {
+        expect("share-semantics", &format!("sem ok {property}\n"));
+    }
+    expect("append-two-containers", "400 whole lines of 400, 400 in all");
     // Host changes reach inotify watchers in a container, within 500 ms, leaving the file as
     // the host wrote it.
     for (step, what) in [
