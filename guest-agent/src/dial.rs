@@ -20,8 +20,11 @@ use crate::vsock::{self, Duplex};
 pub const MAX_DIALS: usize = 1024;
 /// How long the host has to send its `Dial` frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a TCP connect to a container may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connect to a container may take. A busy server's full accept queue drops
+/// SYNs, which the kernel retries after 1, 3, 7, 15 s: a burst of connections (200 at once
+/// against a backlog of 128) needs the retries, as it would with docker-proxy. A closed port
+/// still fails at once (a reset).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// Errors of this module; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]

@@ -29,9 +29,10 @@ pub use listen::effective_address;
 
 /// How long the port proxy has to send its `Publish` after connecting.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the guest has to answer a dial (connect, `Dial`, `DialReply`): long enough for a
-/// loaded guest (hundreds of connections at once), short of a kernel's SYN retries.
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the guest has to answer a dial (connect, `Dial`, `DialReply`): longer than the
+/// agent's own bound on the TCP connect to the container (45 s, SYN retries into a full accept
+/// queue), so the agent's answer, not this timer, decides.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// A UDP flow with no datagram either way for this long closes.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// UDP flows per published port; a new peer over it evicts the least recently used flow.
