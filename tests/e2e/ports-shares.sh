@@ -180,7 +180,7 @@ check append-two-containers appenders
 mkdir -p "$work/esc"
 ln -s "$secret_dir/secret.txt" "$work/esc/absolute-link"
 ln -s "../../../../../../../..$secret_dir/secret.txt" "$work/esc/relative-link"
-check escapes-refused sh -c "out=\$(docker run --rm -v '$work/esc:/esc' $img sh -c 'cat /esc/absolute-link; cat /esc/relative-link; cat /esc/../../../..$secret_dir/secret.txt; ls -la /esc' 2>&1); echo \"\$out\"; ! echo \"\$out\" | grep -q host-secret"
+check escapes-refused sh -c "out=\$(docker run --rm -v '$work/esc:/esc' $img sh -c 'cat /esc/absolute-link; cat /esc/relative-link; cat /esc/../../../..$secret_dir/secret.txt; ls -la /esc; echo listed-the-share' 2>&1); echo \"\$out\"; echo \"\$out\" | grep -q listed-the-share && ! echo \"\$out\" | grep -q host-secret"
 
 # --- Change events --------------------------------------------------------------------------
 # A container watches a shared folder with inotifywait (the

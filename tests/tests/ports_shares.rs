@@ -60,7 +60,7 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     expect("many-files", "files 20000");
     expect("read-only-share-reads", "read-only-content");
     expect("read-only-share-refuses", "ead-only");
-    expect("escapes-refused", "");
+    expect("escapes-refused", "absolute-link");
     for property in [
         "rename-over",
         "unlink-open",
@@ -77,7 +77,10 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     ] {
         expect("share-semantics", &format!("sem ok {property}\n"));
     }
-    expect("append-two-containers", "400 whole lines of 400, 400 in all");
+    expect(
+        "append-two-containers",
+        "400 whole lines of 400, 400 in all",
+    );
     // Host changes reach inotify watchers in a container, within 500 ms, leaving the file as
     // the host wrote it.
     for (step, what) in [

@@ -116,6 +116,52 @@ fn read_config(path: &Path) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
+/// A virtio-fs share holds one descriptor per file the guest has looked up (20,000 files of a
+/// `node_modules` tree are 20,000 descriptors), so the usual soft limit of 1024 would starve the
+/// other devices (vsock stops accepting): raise it to the hard limit, and as root the hard limit
+/// to the kernel's `fs.nr_open`, as virtiofsd does.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the rlimit it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok());
+    let mut wanted = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    if let Some(nr_open) = nr_open.filter(|&n| n > limit.rlim_max) {
+        let root = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        // SAFETY: setrlimit reads only the rlimit it is given; refused unless privileged.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &root) } == 0 {
+            wanted = root;
+        }
+    }
+    // SAFETY: as above; the soft limit never exceeds the hard one here.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } != 0 {
+        tracing::warn!(
+            "cannot raise the open-file limit from {}: {}",
+            limit.rlim_cur,
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::debug!(
+            "open-file limit {} (was {})",
+            wanted.rlim_cur,
+            limit.rlim_cur
+        );
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -125,6 +171,7 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    raise_open_file_limit();
     let run = args
         .vm_config()
         .and_then(|config| Ok(berth_vmm::vm::run(&config)?));
