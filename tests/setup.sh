@@ -61,7 +61,7 @@ fi
 target=${CARGO_TARGET_DIR:-$repo/target}
 case "$target" in /*) ;; *) target=$repo/$target ;; esac
 (cd "$repo" && cargo build --release --workspace --bins >&2)
-for bin in berth-vmm berth-agent boot-timer vsock-stress net-probe fs-bench; do
+for bin in berth-vmm berth-agent boot-timer vsock-stress net-probe fs-bench fs-check; do
   [ -x "$target/release/$bin" ] || die "cargo build did not produce $target/release/$bin"
 done
 phase "cargo build"

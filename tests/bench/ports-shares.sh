@@ -8,8 +8,9 @@
 #     beside the VM host's loopback;
 #   - outbound throughput, container -> a server on the VM host through passt
 #     (host.docker.internal), beside the loopback;
-#   - an npm-install-like tree (20k files of 1-16 KiB in 2k directories: unpack, stat, read and
-#     checksum, delete) and a 1 GiB sequential write and read (BERTH_BENCH_SEQ_MIB): in a
+#   - an npm-install-like tree (20k files of 1-16 KiB in 2k directories, BERTH_BENCH_TREE_FILES:
+#     unpack, stat, read and checksum, delete) and a 1 GiB sequential write and read
+#     (BERTH_BENCH_SEQ_MIB; tests/run-tests.sh runs smaller sizes in the rig): in a
 #     container on a share, in a container on a docker volume (the guest's own disk), and natively
 #     on the VM host; share/native and share/volume.
 # Runs on the VM host: directly with hardware KVM, else inside the nested rig.
@@ -44,6 +45,7 @@ berth_fresh_home berth-bench-net-home
 export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
 memory_mib=1536
 seq_mib=${BERTH_BENCH_SEQ_MIB:-1024}
+tree_files=${BERTH_BENCH_TREE_FILES:-20000}
 berth config set memory_mib $memory_mib >/dev/null
 berth config set cpus "$(berth_guest_cpus)" >/dev/null
 berth config set disk_size_gib 8 >/dev/null
@@ -115,17 +117,17 @@ phases() { awk '/^fs-bench: (unpack|stat|read|delete|seq-write|seq-read) / { pri
 total() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.3f", s }'; }
 mkdir -p "$work/share"
 docker volume create berth-bench-vol >/dev/null
-share_out=$(docker run --rm -v "$work/share:/w" "$img" fs-bench tree /w)
-volume_out=$(docker run --rm -v berth-bench-vol:/w "$img" fs-bench tree /w)
-native_out=$("$fs_bench" tree "$work/share")
+share_out=$(docker run --rm -v "$work/share:/w" "$img" fs-bench tree /w "$tree_files")
+volume_out=$(docker run --rm -v berth-bench-vol:/w "$img" fs-bench tree /w "$tree_files")
+native_out=$("$fs_bench" tree "$work/share" "$tree_files")
 for out in "$share_out" "$volume_out" "$native_out"; do
-  grep -q 'tree 20000 files' <<< "$out" || { echo "bench: fs-bench tree failed: $out" >&2; exit 1; }
+  grep -q "tree $tree_files files" <<< "$out" || { echo "bench: fs-bench tree failed: $out" >&2; exit 1; }
 done
 sums=$(printf '%s\n' "$share_out" "$volume_out" "$native_out" | grep -o 'checksum [0-9a-f]*' | sort -u | wc -l)
 [ "$sums" = 1 ] || { echo "bench: the tree's checksums differ between share, volume and native" >&2; exit 1; }
 s=$(phases <<< "$share_out"); v=$(phases <<< "$volume_out"); n=$(phases <<< "$native_out")
 st=$(total <<< "$s"); vt=$(total <<< "$v"); nt=$(total <<< "$n")
-echo "bench: npm-like tree (unpack stat read delete, s): share [$s] ${st} s; volume [$v] ${vt} s; native [$n] ${nt} s;" \
+echo "bench: npm-like tree of $tree_files files (unpack stat read delete, s): share [$s] ${st} s; volume [$v] ${vt} s; native [$n] ${nt} s;" \
   "share/native $(ratio "$st" "$nt"), share/volume $(ratio "$st" "$vt")"
 share_seq=$(docker run --rm -v "$work/share:/w" "$img" fs-bench seq /w "$seq_mib" | phases)
 volume_seq=$(docker run --rm -v berth-bench-vol:/w "$img" fs-bench seq /w "$seq_mib" | phases)

@@ -24,9 +24,9 @@ berth_fresh_home() {
 failed=0
 check() {
   local name=$1; shift
-  local out status
+  local out status started=$SECONDS
   out=$("$@" 2>&1); status=$?
-  if [ "$status" = 0 ]; then echo "ok $name"; else echo "FAIL $name (exit $status)"; failed=1; fi
+  if [ "$status" = 0 ]; then echo "ok $name ($((SECONDS - started)) s)"; else echo "FAIL $name (exit $status, $((SECONDS - started)) s)"; failed=1; fi
   printf '%s\n' "$out" | sed 's/^/  | /'
   return "$status"
 }

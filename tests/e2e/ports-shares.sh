@@ -79,6 +79,9 @@ for applet in sh echo cat sleep ls wc sha256sum head httpd wget nslookup mkdir t
   ln -s busybox "$tree/bin/$applet"
 done
 cp "$BERTH_NET_PROBE" "$tree/bin/net-probe"
+fs_check=$(dirname "$BERTH_NET_PROBE")/fs-check
+[ -x "$fs_check" ] || { echo "FAIL image ($fs_check missing: run tests/setup.sh)"; exit 1; }
+cp "$fs_check" "$tree/bin/fs-check"
 for lib in $(ldd "$BERTH_NET_PROBE" | grep -oE '/[^ ]+'); do cp --parents -L "$lib" "$tree"; done
 check import sh -c "tar -C '$tree' -c . | docker import - berth-test/net:latest"
 img=berth-test/net
@@ -162,7 +165,9 @@ check read-only-share-reads docker run --rm -v "$ro_share:/ro" "$img" cat /ro/ro
 check read-only-share-refuses sh -c "out=\$(docker run --rm -v '$ro_share:/ro' $img sh -c 'echo x > /ro/new.txt' 2>&1); echo \"\$out\"; [ ! -e '$ro_share/new.txt' ] && echo \"\$out\" | grep -qi 'read-only'"
 mkdir -p "$work/sem"
 cp "$(dirname "${BASH_SOURCE[0]}")/share-semantics.sh" "$work/share-semantics.sh"
-check share-semantics docker run --rm -v "$work:$work" "$img" sh "$work/share-semantics.sh" "$work/sem"
+# xattrs "where the host has them": the share must answer as the host's file system does.
+host_xattr=$("$fs_check" xattr "$work" 2>&1)
+check share-semantics docker run --rm -v "$work:$work" "$img" sh "$work/share-semantics.sh" "$work/sem" "$host_xattr"
 # O_APPEND from two containers at once: every line whole, none lost.
 printf '%s\n' 'i=0; while [ $i -lt 200 ]; do echo "container-$1-line-$i" >> /sem/log; i=$((i + 1)); done' > "$work/append.sh"
 appenders() {
@@ -251,8 +256,11 @@ start=$(now_ms)
 mkdir -p "$watched/bulk"
 for i in $(seq 2000); do echo "$i" > "$watched/bulk/f$i"; done
 sleep 2
+# No storm: the events stop once the burst is delivered (the guest raises them one by one, at a
+# FUSE lookup each; under the rig's emulation that is ~100 a second, so it may take a while),
+# and they are bounded: at most two per file (its create, its modify) plus directory events.
+check inotify-no-storm sh -c "a=-1; for i in \$(seq 60); do b=\$(wc -l < '$iwlog/plain.log'); [ \"\$a\" = \"\$b\" ] && { echo \"quiet after \$(((i - 1) * 2)) s at \$b lines\"; exit 0; }; a=\$b; sleep 2; done; echo \"still growing after 120 s: \$b lines\"; exit 1"
 check inotify-burst-bounded sh -c "n=\$(grep -c '$watched/bulk' '$iwlog/plain.log'); echo \"\$n events for 2000 files\"; [ \"\$n\" -gt 0 ] && [ \"\$n\" -lt 4000 ]"
-check inotify-no-storm sh -c "a=\$(wc -l < '$iwlog/plain.log'); sleep 2; b=\$(wc -l < '$iwlog/plain.log'); echo \"\$a then \$b lines\"; [ \"\$a\" = \"\$b\" ]"
 docker rm -f watcher >/dev/null 2>&1
 
 check final-stop berth stop

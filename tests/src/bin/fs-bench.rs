@@ -1,33 +1,40 @@
 //! `fs-bench`: the file-share benchmark's workloads, the same binary on the test host and in a
 //! container (its libraries are copied into the benchmark image).
 //!
-//!   fs-bench tree DIR     an npm-install-like tree: unpack 20,000 files of 1–16 KiB in 2,000
-//!                         directories, stat every file, read and checksum every file, delete it
-//!   fs-bench seq DIR MIB  write a MIB-MiB file sequentially (fsync at the end), read it back
+//!   fs-bench tree DIR [FILES]  an npm-install-like tree: unpack FILES (default 20,000) files of
+//!                         1–16 KiB, ten to a directory, stat every file, read and checksum
+//!                         every file, delete it
+//!   fs-bench seq DIR MIB  write a MIB-MiB file sequentially (fsync at the end), drop this
+//!                         kernel's cached pages of it (fadvise DONTNEED), read it back
 //!
 //! Prints one line per phase, `fs-bench: PHASE SECONDS s`, and the checksum, so runs on different
 //! file systems can be compared phase by phase and checked to have read the same bytes.
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const DIRS: usize = 2_000;
+const DEFAULT_FILES: usize = 20_000;
 const FILES_PER_DIR: usize = 10;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["tree", dir] => tree(Path::new(dir)),
+        ["tree", dir] => tree(Path::new(dir), DEFAULT_FILES),
+        ["tree", dir, files] => files
+            .parse()
+            .context("FILES must be a number")
+            .and_then(|files| tree(Path::new(dir), files)),
         ["seq", dir, mib] => mib
             .parse()
             .context("MIB must be a number")
             .and_then(|mib| seq(Path::new(dir), mib)),
         _ => Err(anyhow::anyhow!(
-            "usage: fs-bench tree DIR | fs-bench seq DIR MIB"
+            "usage: fs-bench tree DIR [FILES] | fs-bench seq DIR MIB"
         )),
     };
     if let Err(e) = result {
@@ -60,12 +67,15 @@ fn phase(name: &str, started: Instant) {
     println!("fs-bench: {name} {:.3} s", started.elapsed().as_secs_f64());
 }
 
-fn tree(dir: &Path) -> Result<()> {
+fn tree(dir: &Path, files: usize) -> Result<()> {
+    if files == 0 {
+        bail!("FILES must be at least 1");
+    }
     let root = dir.join("fs-bench-tree");
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("remove an old {}", root.display()))?;
     }
-    let paths: Vec<PathBuf> = (0..DIRS * FILES_PER_DIR)
+    let paths: Vec<PathBuf> = (0..files)
         .map(|i| {
             root.join(format!("pkg{:04}", i / FILES_PER_DIR))
                 .join(format!("file{i:05}.js"))
@@ -129,8 +139,16 @@ fn seq(dir: &Path, mib: usize) -> Result<()> {
             file.write_all(&block)?;
         }
         file.sync_all().context("fsync")?;
+        phase("seq-write", started);
+        // Read from the file system, not from this kernel's page cache (clean after the fsync).
+        // SAFETY: fadvise on an open descriptor.
+        let err = unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        if err != 0 {
+            bail!("fadvise DONTNEED: {}", std::io::Error::from_raw_os_error(err));
+        }
     }
-    phase("seq-write", started);
     let started = Instant::now();
     let mut file = fs::File::open(&path)?;
     let mut buf = vec![0u8; 1 << 20];
