@@ -1,19 +1,18 @@
 //! Which host folders the host should watch for changes: the sources of running containers' bind
-//! mounts that lie inside a share, found by asking dockerd (minimal HTTP/1.1 on its socket),
+//! mounts that lie inside a share, found by asking dockerd (`docker_api`),
 //! refreshed on every container start and die from its event stream, and published to the host
 //! as `Event::WatchPaths` (the whole set each time it changes, and again now and then, so a host
 //! that subscribed late or again learns it too).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_protocol::Event;
 
+use crate::docker_api::{self, RETRY};
 use crate::events::Bus;
 use crate::{console, daemons, notify};
 
@@ -24,30 +23,13 @@ const EVENTS_TARGET: &str = "/events?filters=%7B%22type%22%3A%5B%22container%22%
 const LIST_TARGET: &str = "/containers/json";
 /// A burst of starts (compose up) is answered with one refresh.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-/// How long to wait between attempts while dockerd is not answering.
-const RETRY: Duration = Duration::from_secs(1);
 /// The set is published again this often even when unchanged.
 const REPUBLISH: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Responses larger than this are refused (thousands of containers fit).
-const MAX_RESPONSE: u64 = 16 << 20;
 const STACK: usize = 256 * 1024;
 
 /// Errors of this module; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connect to dockerd's socket")]
-    Connect(#[source] std::io::Error),
-    #[error("send the request to dockerd")]
-    Send(#[source] std::io::Error),
-    #[error("read dockerd's response")]
-    Read(#[source] std::io::Error),
-    #[error("dockerd's response is not HTTP/1.1: {0}")]
-    Malformed(&'static str),
-    #[error("dockerd answered HTTP status {0}")]
-    Status(u16),
-    #[error("dockerd's container list is not the JSON expected")]
-    Json(#[source] serde_json::Error),
     #[error("start the bind-mount watcher thread")]
     Thread(#[source] std::io::Error),
 }
@@ -66,7 +48,7 @@ pub fn spawn(events: &Arc<Bus>) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("docker-events".into())
         .stack_size(STACK)
-        .spawn(move || follow_events(&stream_socket, &kick))
+        .spawn(move || docker_api::follow_events(&stream_socket, EVENTS_TARGET, &kick))
         .map_err(Error::Thread)?;
     let events = events.clone();
     std::thread::Builder::new()
@@ -97,7 +79,8 @@ fn publish_loop(socket: &Path, shares: &[PathBuf], bus: &Bus, kicked: &mpsc::Rec
         }
         let mut publish = false;
         if stale {
-            match list_containers(socket).map(|list| bind_sources(&list, shares)) {
+            match docker_api::get_json(socket, LIST_TARGET).map(|list| bind_sources(&list, shares))
+            {
                 Ok(set) => {
                     stale = false;
                     publish = current.as_ref() != Some(&set);
@@ -121,143 +104,6 @@ fn publish_loop(socket: &Path, shares: &[PathBuf], bus: &Bus, kicked: &mpsc::Rec
             });
             published = Instant::now();
         }
-    }
-}
-
-/// Follows dockerd's event stream for ever, kicking a refresh on every event and on every
-/// (re)connection, since containers may have come and gone while dockerd was away.
-fn follow_events(socket: &Path, kick: &Sender<()>) {
-    loop {
-        let result = (|| {
-            let mut stream = request(socket, EVENTS_TARGET, None)?;
-            read_head(&mut stream)?;
-            if kick.send(()).is_err() {
-                return Ok(());
-            }
-            let mut buf = [0u8; 4096];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => {
-                        if kick.send(()).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::Read(e)),
-                }
-            }
-        })();
-        // Not answering yet, or restarted: a refresh once it is back (the kick above) covers it.
-        let _: Result<(), Error> = result;
-        std::thread::sleep(RETRY);
-    }
-}
-
-/// Connects and sends `GET target`; the response is the caller's to read.
-fn request(socket: &Path, target: &str, timeout: Option<Duration>) -> Result<UnixStream, Error> {
-    let mut stream = UnixStream::connect(socket).map_err(Error::Connect)?;
-    stream.set_read_timeout(timeout).map_err(Error::Connect)?;
-    stream
-        .set_write_timeout(Some(REQUEST_TIMEOUT))
-        .map_err(Error::Connect)?;
-    let head = format!("GET {target} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).map_err(Error::Send)?;
-    Ok(stream)
-}
-
-/// Reads up to the end of a response's headers (byte by byte: the stream's body is not ours
-/// to consume) and checks the status.
-fn read_head(stream: &mut UnixStream) -> Result<(), Error> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 64 * 1024 {
-            return Err(Error::Malformed("headers too long"));
-        }
-        match stream.read(&mut byte) {
-            Ok(0) => return Err(Error::Malformed("ends inside its headers")),
-            Ok(_) => head.push(byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Read(e)),
-        }
-    }
-    parse_head(&head).map(|_| ())
-}
-
-/// The running containers as dockerd lists them (each with its `Mounts`).
-fn list_containers(socket: &Path) -> Result<serde_json::Value, Error> {
-    let mut stream = request(socket, LIST_TARGET, Some(REQUEST_TIMEOUT))?;
-    let mut raw = Vec::new();
-    (&mut stream)
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
-        .map_err(Error::Read)?;
-    let body = parse_response(&raw)?;
-    serde_json::from_slice(&body).map_err(Error::Json)
-}
-
-/// Status and whether the body is chunked, from a response's head (through its blank line).
-fn parse_head(head: &[u8]) -> Result<bool, Error> {
-    let text = std::str::from_utf8(head).map_err(|_| Error::Malformed("headers are not text"))?;
-    let mut lines = text.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.strip_prefix("HTTP/1."))
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or(Error::Malformed("no status line"))?;
-    if status != 200 {
-        return Err(Error::Status(status));
-    }
-    let chunked = lines.any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    Ok(chunked)
-}
-
-/// The body of a whole `Connection: close` response (chunked or not).
-fn parse_response(raw: &[u8]) -> Result<Vec<u8>, Error> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or(Error::Malformed("no end of headers"))?
-        + 4;
-    let chunked = parse_head(&raw[..end])?;
-    let body = &raw[end..];
-    if chunked {
-        dechunk(body)
-    } else {
-        Ok(body.to_vec())
-    }
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, Error> {
-    let bad = Error::Malformed;
-    let mut body = Vec::new();
-    loop {
-        let line_end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or(bad("a chunk has no size line"))?;
-        let size = std::str::from_utf8(&rest[..line_end])
-            .ok()
-            .map(|line| line.split(';').next().unwrap_or(line).trim())
-            .and_then(|hex| usize::from_str_radix(hex, 16).ok())
-            .ok_or(bad("a chunk size is not hexadecimal"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = rest.get(..size).ok_or(bad("a chunk is cut short"))?;
-        body.extend_from_slice(chunk);
-        rest = rest
-            .get(size..)
-            .and_then(|r| r.strip_prefix(b"\r\n"))
-            .ok_or(bad("a chunk does not end in CRLF"))?;
     }
 }
 
@@ -315,60 +161,12 @@ mod tests {
     }
 
     #[test]
-    fn chunked_and_plain_responses_are_read() {
-        let chunked = b"HTTP/1.1 200 OK\r\nApi-Version: 1.45\r\nContent-Type: application/json\r\n\
-                        Transfer-Encoding: chunked\r\n\r\n4\r\n[{\"I\r\n7;ext=1\r\nd\":1}]\n\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), b"[{\"Id\":1}]\n");
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[]\n";
-        assert_eq!(parse_response(plain).unwrap(), b"[]\n");
-        assert!(matches!(
-            parse_response(b"HTTP/1.1 500 Internal Server Error\r\n\r\n{}"),
-            Err(Error::Status(500))
-        ));
-        for broken in [
-            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nshort\r\n",
-            b"HTTP/1.1 200 OK\r\n",
-            b"SSH-2.0\r\n\r\n",
-        ] {
-            assert!(
-                matches!(parse_response(broken), Err(Error::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(broken)
-            );
-        }
-    }
-
-    #[test]
     fn a_list_comes_from_a_real_socket() {
-        let dir = std::env::temp_dir().join(format!("berth-bind-watch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("docker.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                conn.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
-            }
-            let body = format!("[{INSPECT}]");
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                body.len()
-            );
-            conn.write_all(reply.as_bytes()).unwrap();
-            String::from_utf8(head).unwrap()
-        });
-        let list = list_containers(&socket).unwrap();
-        let head = server.join().unwrap();
-        assert!(
-            head.starts_with("GET /containers/json HTTP/1.1\r\n"),
-            "{head}"
-        );
+        let (socket, server) =
+            crate::docker_api::tests::serve_once("bind-watch", format!("[{INSPECT}]"));
+        let list = docker_api::get_json(&socket, LIST_TARGET).unwrap();
+        server.join().unwrap();
         assert_eq!(bind_sources(&list, &["/home".into()]).len(), 2);
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
     }
 }
