@@ -18,6 +18,7 @@ mod datadisk;
 mod dial;
 mod disks;
 mod dns;
+mod docker_api;
 mod events;
 mod inet;
 mod logfile;
@@ -36,6 +37,7 @@ mod shell;
 mod signals;
 mod splice;
 mod supervisor;
+mod swarm_ports;
 mod vsock;
 
 use std::path::Path;
@@ -95,6 +97,11 @@ fn main() {
         OnReady::Stay => {
             if let Err(e) = bind_watch::spawn(&events) {
                 console::warn(&format!("host file events: {}", console::chain(&e)));
+            }
+            if let (true, Some(net)) = (booted.config.docker, &booted.config.net) {
+                if let Err(e) = swarm_ports::spawn(net.address) {
+                    console::warn(&format!("swarm ports: {e}"));
+                }
             }
             let guest = services::AgentGuest {
                 supervisor: supervisor.clone(),

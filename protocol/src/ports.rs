@@ -25,7 +25,7 @@ pub const DIAL_PORT: u32 = 1026;
 /// The largest UDP payload a datagram frame carries.
 pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
