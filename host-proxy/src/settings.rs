@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use berth_machine::FsConfig;
+use berth_machine::{FsConfig, ShareCache};
 use berth_protocol::cmdline::{GuestShare, NET_PARAM, SHARE_PARAM};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,9 @@ pub struct VmSettings {
     /// The host address published ports listen on (`None`: the ports module's default).
     #[serde(default)]
     pub ports_bind_address: Option<IpAddr>,
+    /// Every share's cache mode (`BERTH_SHARE_CACHE`; the default unless measuring).
+    #[serde(default)]
+    pub share_cache: ShareCache,
 }
 
 /// One host folder shared with the guest, resolved.
@@ -56,8 +59,23 @@ pub fn share_tag(index: usize) -> String {
     format!("berth-share-{index}")
 }
 
-/// The VMM's virtio-fs devices for `shares`.
-pub fn fs_devices(shares: &[Share]) -> Vec<FsConfig> {
+/// Environment variable: every share's cache mode (`auto`, the default, `always` or `never`),
+/// for measuring them against each other (`tests/bench/share-cache.sh`); not a setting.
+pub const SHARE_CACHE_ENV: &str = "BERTH_SHARE_CACHE";
+
+/// The cache mode `BERTH_SHARE_CACHE` asks for; unset or empty, the default.
+pub fn share_cache_from_env() -> Result<ShareCache, String> {
+    match std::env::var(SHARE_CACHE_ENV) {
+        Ok(mode) if !mode.trim().is_empty() => mode
+            .trim()
+            .parse()
+            .map_err(|e| format!("{SHARE_CACHE_ENV}: {e}")),
+        _ => Ok(ShareCache::default()),
+    }
+}
+
+/// The VMM's virtio-fs devices for `shares`, each in cache mode `cache`.
+pub fn fs_devices(shares: &[Share], cache: ShareCache) -> Vec<FsConfig> {
     shares
         .iter()
         .enumerate()
@@ -65,6 +83,7 @@ pub fn fs_devices(shares: &[Share]) -> Vec<FsConfig> {
             tag: share_tag(i),
             path: share.path.clone(),
             read_only: share.read_only,
+            cache,
         })
         .collect()
 }
@@ -197,7 +216,7 @@ mod tests {
                 ("berth-share-1", true, "/data/my files, old"),
             ]
         );
-        let devices = fs_devices(&shares);
+        let devices = fs_devices(&shares, ShareCache::Auto);
         assert_eq!(devices.len(), 2, "one device per share, not per mount");
         assert_eq!(devices[1].tag, "berth-share-1");
         assert!(devices[1].read_only);

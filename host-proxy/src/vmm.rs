@@ -81,7 +81,7 @@ pub fn vm_config(settings: &VmSettings, layout: &Layout) -> VmConfig {
         ]
         .into_iter()
         .chain(
-            crate::settings::fs_devices(&settings.shares)
+            crate::settings::fs_devices(&settings.shares, settings.share_cache)
                 .into_iter()
                 .map(DeviceConfig::Fs),
         )
@@ -241,6 +241,7 @@ mod tests {
             cmdline_extra: "quiet".into(),
             shares: Vec::new(),
             ports_bind_address: None,
+            share_cache: Default::default(),
         };
         let config = vm_config(&settings, &layout);
         config.check().unwrap();
@@ -292,6 +293,7 @@ mod tests {
                 },
             ],
             ports_bind_address: None,
+            share_cache: Default::default(),
         };
         let config = vm_config(&settings, &layout);
         config.check().unwrap();

@@ -135,6 +135,43 @@ pub struct FsConfig {
     pub path: PathBuf,
     #[serde(default, skip_serializing_if = "is_false")]
     pub read_only: bool,
+    /// How long the guest may trust what it cached of the share.
+    #[serde(default, skip_serializing_if = "ShareCache::is_default")]
+    pub cache: ShareCache,
+}
+
+/// A share's cache mode (virtiofsd's `--cache`): what the guest kernel may keep between
+/// requests. Host edits reach the guest at once under `Auto` and `Never`; under `Always` a file
+/// a container has open keeps the pages it read until the host's change event drops them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareCache {
+    /// Entries and attributes trusted for a second; an open re-reads a file the host changed
+    /// (close-to-open).
+    #[default]
+    Auto,
+    /// Entries and attributes trusted for ten seconds; page cache kept across opens.
+    Always,
+    /// Nothing cached: every lookup, attribute and read goes to the host.
+    Never,
+}
+
+impl ShareCache {
+    fn is_default(&self) -> bool {
+        *self == ShareCache::Auto
+    }
+}
+
+impl std::str::FromStr for ShareCache {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ShareCache::Auto),
+            "always" => Ok(ShareCache::Always),
+            "never" => Ok(ShareCache::Never),
+            other => Err(format!("cache mode {other:?}: auto, always or never")),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for DeviceConfig {
@@ -486,32 +523,35 @@ impl std::str::FromStr for NetConfig {
 impl std::str::FromStr for FsConfig {
     type Err = String;
 
-    /// The VMM's hand-use `--fs` flag: `TAG=PATH[,ro|,rw]`.
+    /// The VMM's hand-use `--fs` flag: `TAG=PATH[,ro|,rw][,cache=auto|always|never]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (tag, mut rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("{s:?}: a share is TAG=PATH[,ro]"))?;
+            .ok_or_else(|| format!("{s:?}: a share is TAG=PATH[,ro][,cache=MODE]"))?;
         check_fs_tag(tag)?;
         // Options are taken from the end, so a path may itself contain commas; the last one
         // given wins.
         let mut read_only = None;
+        let mut cache = None;
         while let Some((head, option)) = rest.rsplit_once(',') {
-            let ro = match option {
-                "ro" => true,
-                "rw" => false,
-                _ => break,
-            };
-            read_only.get_or_insert(ro);
+            match option {
+                "ro" => _ = read_only.get_or_insert(true),
+                "rw" => _ = read_only.get_or_insert(false),
+                _ => match option.strip_prefix("cache=") {
+                    Some(mode) => _ = cache.get_or_insert(mode.parse::<ShareCache>()?),
+                    None => break,
+                },
+            }
             rest = head;
         }
-        let read_only = read_only.unwrap_or(false);
         if rest.is_empty() {
-            return Err("a share needs a path: --fs TAG=PATH[,ro]".into());
+            return Err("a share needs a path: --fs TAG=PATH[,ro][,cache=MODE]".into());
         }
         Ok(FsConfig {
             tag: tag.to_string(),
             path: rest.into(),
-            read_only,
+            read_only: read_only.unwrap_or(false),
+            cache: cache.unwrap_or_default(),
         })
     }
 }
@@ -554,6 +594,7 @@ mod tests {
                     tag: "berth-share-0".into(),
                     path: "/home/u".into(),
                     read_only: false,
+                    cache: ShareCache::Auto,
                 }),
             ],
             serial_log: Some("/h/logs/console.log".into()),
@@ -707,7 +748,8 @@ mod tests {
             FsConfig {
                 tag: "home".into(),
                 path: "/home/u".into(),
-                read_only: false
+                read_only: false,
+                cache: ShareCache::Auto,
             }
         );
         assert_eq!(
@@ -715,9 +757,19 @@ mod tests {
             FsConfig {
                 tag: "src".into(),
                 path: "/x/a,b=c".into(),
-                read_only: true
+                read_only: true,
+                cache: ShareCache::Auto,
             }
         );
+        assert_eq!(fs("t=/p,ro").unwrap().cache, ShareCache::Auto);
+        let never = fs("t=/p,a,cache=never,ro").unwrap();
+        assert_eq!(
+            (never.path.to_str(), never.read_only, never.cache),
+            (Some("/p,a"), true, ShareCache::Never)
+        );
+        assert_eq!(fs("t=/p,cache=always").unwrap().cache, ShareCache::Always);
+        let e = fs("t=/p,cache=sometimes").unwrap_err();
+        assert!(e.contains("auto, always or never"), "{e}");
         assert!(!fs("t=/p,ro,rw").unwrap().read_only);
         assert!(fs("t=/p,rw,ro").unwrap().read_only);
         assert!(fs("/no/tag").is_err());
@@ -779,6 +831,17 @@ mod tests {
         let e = err(
             r#"{"kernel": "/k", "devices": [{"type": "fs", "tag": "a", "path": "/x", "cache": 1}]}"#,
         );
-        assert!(e.contains("cache"), "{e}");
+        assert!(e.contains("devices[0]") && e.contains("cache"), "{e}");
+        let never = VmConfig::from_json(
+            br#"{"kernel": "/k", "devices": [{"type": "fs", "tag": "a", "path": "/x", "cache": "never"}]}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&never.devices[0], DeviceConfig::Fs(fs) if fs.cache == ShareCache::Never),
+            "{never:?}"
+        );
+        assert!(never.to_json().unwrap().contains(r#""cache": "never""#));
+        // The default is left out of a description, so older ones read the same.
+        assert!(!full().to_json().unwrap().contains("cache"));
     }
 }

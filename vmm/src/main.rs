@@ -246,6 +246,7 @@ mod tests {
                 tag: "home".into(),
                 path: "/home/u".into(),
                 read_only: true,
+                cache: berth_machine::ShareCache::Auto,
             }),
             DeviceConfig::Rng,
             DeviceConfig::Vsock(VsockConfig {

@@ -74,6 +74,9 @@ pub enum Error {
     /// A value the file holds that cannot be used now (a shared folder gone).
     #[error(transparent)]
     Setting(Invalid),
+    /// A measuring knob from the environment that does not parse.
+    #[error("{0}")]
+    Environment(String),
 }
 
 /// A value the config cannot hold.
@@ -493,6 +496,7 @@ impl Config {
             cmdline_extra: self.cmdline_extra.clone(),
             shares,
             ports_bind_address: self.ports.bind_address,
+            share_cache: crate::settings::share_cache_from_env().map_err(Error::Environment)?,
         })
     }
 }

@@ -4,6 +4,7 @@
 //!   fs-bench tree DIR [FILES]  an npm-install-like tree: unpack FILES (default 20,000) files of
 //!                         1–16 KiB, ten to a directory, stat every file, read and checksum
 //!                         every file, delete it
+//!   fs-bench read DIR     read and checksum every file under DIR (`read-tree` phase)
 //!   fs-bench seq DIR MIB  write a MIB-MiB file sequentially (fsync at the end), drop this
 //!                         kernel's cached pages of it (fadvise DONTNEED), read it back
 //!
@@ -29,12 +30,13 @@ fn main() {
             .parse()
             .context("FILES must be a number")
             .and_then(|files| tree(Path::new(dir), files)),
+        ["read", dir] => read_tree(Path::new(dir)),
         ["seq", dir, mib] => mib
             .parse()
             .context("MIB must be a number")
             .and_then(|mib| seq(Path::new(dir), mib)),
         _ => Err(anyhow::anyhow!(
-            "usage: fs-bench tree DIR [FILES] | fs-bench seq DIR MIB"
+            "usage: fs-bench tree DIR [FILES] | fs-bench read DIR | fs-bench seq DIR MIB"
         )),
     };
     if let Err(e) = result {
@@ -128,6 +130,32 @@ fn tree(dir: &Path, files: usize) -> Result<()> {
     Ok(())
 }
 
+fn read_tree(dir: &Path) -> Result<()> {
+    fn walk(dir: &Path, sum: &mut Checksum, files: &mut usize, buf: &mut Vec<u8>) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                walk(&path, sum, files, buf)?;
+            } else {
+                buf.clear();
+                fs::File::open(&path)
+                    .and_then(|mut f| f.read_to_end(buf))
+                    .with_context(|| format!("read {}", path.display()))?;
+                sum.add(buf);
+                *files += 1;
+            }
+        }
+        Ok(())
+    }
+    let started = Instant::now();
+    let (mut sum, mut files, mut buf) = (Checksum::new(), 0, Vec::new());
+    walk(dir, &mut sum, &mut files, &mut buf)?;
+    phase("read-tree", started);
+    println!("fs-bench: read {files} files, checksum {:016x}", sum.0);
+    Ok(())
+}
+
 fn seq(dir: &Path, mib: usize) -> Result<()> {
     let path = dir.join("fs-bench-seq.bin");
     let block: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
@@ -142,11 +170,12 @@ fn seq(dir: &Path, mib: usize) -> Result<()> {
         phase("seq-write", started);
         // Read from the file system, not from this kernel's page cache (clean after the fsync).
         // SAFETY: fadvise on an open descriptor.
-        let err = unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-        };
+        let err = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         if err != 0 {
-            bail!("fadvise DONTNEED: {}", std::io::Error::from_raw_os_error(err));
+            bail!(
+                "fadvise DONTNEED: {}",
+                std::io::Error::from_raw_os_error(err)
+            );
         }
     }
     let started = Instant::now();

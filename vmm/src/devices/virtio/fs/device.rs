@@ -5,7 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use berth_machine::FsConfig;
+use berth_machine::{FsConfig, ShareCache};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use virtio_queue::Queue;
@@ -13,7 +13,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::FsHandler;
 use super::share::{Credentials, ShareFs};
-use super::{Error, ATTR_TIMEOUT, CONFIG_SIZE, NUM_QUEUES, QUEUE_SIZE, REQUEST_QUEUES, TAG_SIZE};
+use super::{
+    Error, ALWAYS_TIMEOUT, ATTR_TIMEOUT, CONFIG_SIZE, NUM_QUEUES, QUEUE_SIZE, REQUEST_QUEUES,
+    TAG_SIZE,
+};
 use crate::devices::virtio::event_loop::EventLoop;
 use crate::devices::virtio::{
     feature, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
@@ -87,9 +90,11 @@ pub(super) fn open_share(config: &FsConfig, euid: u32) -> Result<ShareFs, Error>
         })?
         .to_string();
     let passthrough =
-        PassthroughFs::new(passthrough_config(root_dir)).map_err(|source| Error::Passthrough {
-            path: path.to_owned(),
-            source,
+        PassthroughFs::new(passthrough_config(root_dir, config.cache)).map_err(|source| {
+            Error::Passthrough {
+                path: path.to_owned(),
+                source,
+            }
         })?;
     // The root is opened here, not at the guest's FUSE_INIT, so that a share that cannot be
     // opened fails the VM's start with its path.
@@ -108,12 +113,18 @@ pub(super) fn open_share(config: &FsConfig, euid: u32) -> Result<ShareFs, Error>
     ))
 }
 
-fn passthrough_config(root_dir: String) -> Config {
+/// The passthrough's settings for a share in cache mode `cache` (see `ShareCache`).
+fn passthrough_config(root_dir: String, cache: ShareCache) -> Config {
+    let (cache_policy, timeout) = match cache {
+        ShareCache::Auto => (CachePolicy::Auto, ATTR_TIMEOUT),
+        ShareCache::Always => (CachePolicy::Always, ALWAYS_TIMEOUT),
+        ShareCache::Never => (CachePolicy::Never, std::time::Duration::ZERO),
+    };
     Config {
         root_dir,
-        entry_timeout: ATTR_TIMEOUT,
-        attr_timeout: ATTR_TIMEOUT,
-        cache_policy: CachePolicy::Auto,
+        entry_timeout: timeout,
+        attr_timeout: timeout,
+        cache_policy,
         xattr: true,
         // No DAX window.
         dax_file_size: None,

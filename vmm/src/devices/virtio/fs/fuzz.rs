@@ -41,6 +41,7 @@ impl FuzzShare {
             tag: "fuzz".into(),
             path: share,
             read_only: false,
+            cache: Default::default(),
         };
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };

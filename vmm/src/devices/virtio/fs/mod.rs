@@ -52,8 +52,10 @@
 //!
 //! # Caching
 //!
+//! Per share, from the machine description's `cache` (`berth_machine::ShareCache`): by default
 //! `CachePolicy::Auto` (close-to-open: an open re-reads a file a host process changed) with
-//! entries and attributes valid for [`ATTR_TIMEOUT`]; xattrs are passed through.
+//! entries and attributes valid for [`ATTR_TIMEOUT`]; `always` keeps page cache across opens and
+//! trusts entries for [`ALWAYS_TIMEOUT`]; `never` caches nothing. xattrs are passed through.
 
 mod device;
 #[cfg(feature = "fuzzing")]
@@ -81,6 +83,8 @@ pub const TAG_SIZE: usize = 36;
 pub const CONFIG_SIZE: usize = TAG_SIZE + 4;
 /// How long the guest may trust an entry or attributes before asking again.
 pub const ATTR_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same under `ShareCache::Always`.
+pub const ALWAYS_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use berth_machine::FsConfig;
+use berth_machine::{FsConfig, ShareCache};
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, Opcode, OpenIn,
     OpenOut, OutHeader, ReadIn, ReleaseIn, SetattrIn, WriteIn, WriteOut,
@@ -26,6 +26,8 @@ const OUT_LEN: u32 = 2 << 20;
 const FATTR_MODE: u32 = 0x1;
 const FATTR_UID: u32 = 0x2;
 const FATTR_GID: u32 = 0x4;
+/// FUSE's open reply flag: the guest keeps the file's page cache across opens.
+const FOPEN_KEEP_CACHE: u32 = 0x2;
 
 /// A directory of its own under /tmp, searchable by everyone (a test drops to another uid),
 /// removed at the end.
@@ -90,10 +92,15 @@ struct Client {
 
 impl Client {
     fn start(share: &Path, read_only: bool) -> Self {
+        Self::start_with(share, read_only, ShareCache::default())
+    }
+
+    fn start_with(share: &Path, read_only: bool, cache: ShareCache) -> Self {
         let config = FsConfig {
             tag: "berth-test".into(),
             path: share.to_owned(),
             read_only,
+            cache,
         };
         let mut fs = Fs::new(&config).unwrap();
         fs.set_acked_features(fs.avail_features());
@@ -397,6 +404,33 @@ fn a_file_created_and_written_reads_back_the_same_on_both_sides() {
 
 fn entry_of(client: &mut Client, parent: u64, name: &str) -> EntryOut {
     entry(client.lookup(parent, name))
+}
+
+#[test]
+fn each_cache_mode_tells_the_guest_how_long_to_trust_an_entry() {
+    let dir = Dir::new();
+    fs::write(dir.share().join("f"), b"x").unwrap();
+    for (cache, seconds, keep_cache) in [
+        (ShareCache::Auto, 1, false),
+        (ShareCache::Always, 10, true),
+        (ShareCache::Never, 0, false),
+    ] {
+        let mut client = Client::start_with(&dir.share(), false, cache);
+        let e = entry_of(&mut client, ROOT, "f");
+        assert_eq!(
+            (e.entry_valid, e.attr_valid),
+            (seconds, seconds),
+            "{cache:?}"
+        );
+        let open: OpenOut = client.open(e.nodeid, libc::O_RDONLY).ok().obj();
+        let kept = open.open_flags & FOPEN_KEEP_CACHE;
+        assert_eq!(
+            kept != 0,
+            keep_cache,
+            "{cache:?}: open flags {:#x}",
+            open.open_flags
+        );
+    }
 }
 
 #[test]
@@ -721,6 +755,7 @@ fn a_share_that_is_not_a_directory_is_refused_with_its_path() {
             tag: "t".into(),
             path: path.clone(),
             read_only: false,
+            cache: Default::default(),
         };
         let err = Fs::new(&config).map(|_| ()).unwrap_err();
         assert!(
