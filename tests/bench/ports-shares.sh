@@ -71,7 +71,7 @@ berth start --timeout 300 --no-docker-context >/dev/null
 tree=$work/image
 mkdir -p "$tree/bin" "$tree/tmp"
 cp /bin/busybox "$tree/bin/busybox"
-for applet in sh cat; do ln -s busybox "$tree/bin/$applet"; done
+for applet in sh cat ip; do ln -s busybox "$tree/bin/$applet"; done
 for bin in "$(command -v iperf3)" "$BERTH_NET_PROBE" "$fs_bench"; do
   cp "$bin" "$tree/bin/"
   for lib in $(ldd "$bin" | grep -oE '/[^ ]+'); do cp --parents -nL "$lib" "$tree"; done
@@ -110,6 +110,19 @@ iperf3 -s -p 5204 >/dev/null 2>&1 & pids+=($!)
 sleep 1
 outbound=$(docker run --rm "$img" iperf3 -c host.docker.internal -p 5204 -t 5 -J | gbps)
 echo "bench: TCP container -> a server on the VM host through passt ${outbound} Gbit/s; host loopback ${loop_in} Gbit/s; outbound/loopback $(ratio "$outbound" "$loop_in")"
+
+# --- MTU -------------------------------------------------------------------------------------
+# The guest's link MTU (passt's 65520-byte frames less the Ethernet header) against 1500: the
+# paths through passt, outbound and passt's -t, measured again with eth0 at 1500, then restored.
+guest_mtu() { docker run --rm --privileged --net=host "$img" cat /sys/class/net/eth0/mtu; }
+big_mtu=$(guest_mtu)
+docker run --rm --privileged --net=host "$img" ip link set eth0 mtu 1500
+[ "$(guest_mtu)" = 1500 ] || { echo "bench: could not set the guest's MTU to 1500" >&2; exit 1; }
+outbound_1500=$(docker run --rm "$img" iperf3 -c host.docker.internal -p 5204 -t 5 -J | gbps)
+in_passt_1500=$(iperf -p 5203)
+docker run --rm --privileged --net=host "$img" ip link set eth0 mtu "$big_mtu"
+echo "bench: MTU ${big_mtu} vs 1500 through passt: outbound ${outbound} vs ${outbound_1500} Gbit/s ($(ratio "$outbound" "$outbound_1500")x);" \
+  "host -> guest through passt -t ${in_passt} vs ${in_passt_1500} Gbit/s ($(ratio "$in_passt" "$in_passt_1500")x)"
 
 # --- Shares -----------------------------------------------------------------------------------
 # phases OUTPUT: "unpack stat read delete" seconds from fs-bench's lines.

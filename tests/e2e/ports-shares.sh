@@ -6,27 +6,68 @@
 # path (serve, host edits seen at once, a single-file bind mount, container writes, read-only
 # share, escapes refused). Every server it reaches runs on the test host itself: its loopback,
 # dnsmasq, a network namespace. Prints `ok NAME` / `FAIL NAME` per check for
-# tests/tests/ports_shares.rs. Needs the BERTH_* variables of tests/setup.sh; runs as root (it
-# makes a network namespace and its own mount namespace for the test resolver).
+# tests/tests/ports_shares.rs. Needs the BERTH_* variables of tests/setup.sh; starts as root (it
+# makes a network namespace and its own mount namespace for the test resolver) and runs Berth and
+# every check as an ordinary user in the KVM group (berth_as_user in berth-home.sh).
 set -uo pipefail
 
-# A private mount namespace: the test resolver is bound over /etc/resolv.conf in it only.
-if [ -z "${BERTH_E2E_UNSHARED:-}" ]; then
-  BERTH_E2E_UNSHARED=1 exec unshare --mount --propagation private bash "$0" "$@"
+# The root part: a private mount namespace (the test resolver is bound over /etc/resolv.conf in
+# it only), the test host's servers, a network namespace, a read-only share and a secret outside
+# every share; then the rest runs as an ordinary user (berth_as_user), Berth included, and the
+# root part cleans up after it.
+if [ -z "${BERTH_E2E_USER_PART:-}" ]; then
+  if [ -z "${BERTH_E2E_UNSHARED:-}" ]; then
+    BERTH_E2E_UNSHARED=1 exec unshare --mount --propagation private bash "$0" "$@"
+  fi
+  # shellcheck source=tests/e2e/berth-home.sh
+  . "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
+  srv=$(mktemp -d "${TMPDIR:-/tmp}/berth-ports-servers-XXXXXX")
+  ro_share=/var/tmp/berth-ro-share
+  secret_dir=/run/berth-secret
+  pids=()
+  cleanup() {
+    [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null
+    ip netns del berth-srv 2>/dev/null
+    rm -rf "$srv" "$ro_share" "$secret_dir"
+    berth_as_user_cleanup
+  }
+  trap cleanup EXIT
+  mkdir -p "$srv/hostsite" "$secret_dir"
+  echo served-by-the-test-host > "$srv/hostsite/host.txt"
+  echo host-secret-outside-every-share > "$secret_dir/secret.txt"
+  busybox httpd -f -p 127.0.0.1:18099 -h "$srv/hostsite" & pids+=($!)
+  dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 --bind-interfaces \
+    --port=53 --address=/berth-test.internal/10.9.8.7 --log-facility=- 2> "$srv/dnsmasq.log" & pids+=($!)
+  printf 'nameserver 127.0.0.1\n' > "$srv/resolv.conf"
+  mount --bind "$srv/resolv.conf" /etc/resolv.conf
+  ip netns add berth-srv
+  ip link add berth-veth0 type veth peer name berth-veth1 netns berth-srv
+  ip addr add 10.55.0.1/24 dev berth-veth0 && ip link set berth-veth0 up
+  ip -n berth-srv addr add 10.55.0.2/24 dev berth-veth1
+  ip -n berth-srv link set berth-veth1 up && ip -n berth-srv link set lo up
+  mkdir -p "$srv/nssite" && echo served-from-a-network-namespace > "$srv/nssite/ns.txt"
+  ip netns exec berth-srv busybox httpd -f -p 10.55.0.2:80 -h "$srv/nssite" & pids+=($!)
+  mkdir -p "$ro_share" && echo read-only-content > "$ro_share/ro.txt"
+  berth_as_user_prepare || exit 1
+  export ro_share secret_dir
+  status=0
+  self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+  berth_as_user env BERTH_E2E_USER_PART=1 bash "$self" "$@" || status=$?
+  exit "$status"
 fi
 
+# The user part: everything below runs as $BERTH_E2E_UID, a user in the KVM group, with a home
+# of its own; its work directory is under the system temp directory, which Berth shares by
+# default.
 # shellcheck source=tests/e2e/berth-home.sh
 . "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
+check unprivileged sh -c "id; [ \"\$(id -u)\" != 0 ] && echo \"HOME=\$HOME\""
 berth_fresh_home berth-ports-home
-# Under the system temp directory, which Berth shares by default.
 work=$(mktemp -d "${TMPDIR:-/tmp}/berth-ports-XXXXXX")
-ro_share=/var/tmp/berth-ro-share
-secret_dir=/run/berth-secret
 pids=()
 cleanup() {
   [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null
-  ip netns del berth-srv 2>/dev/null
-  rm -rf "$work" "$ro_share" "$secret_dir"
+  rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -41,25 +82,7 @@ refused() {
   return 1
 }
 
-# --- The test host's servers --------------------------------------------------------------
-mkdir -p "$work/hostsite" "$secret_dir"
-echo served-by-the-test-host > "$work/hostsite/host.txt"
-echo host-secret-outside-every-share > "$secret_dir/secret.txt"
-busybox httpd -f -p 127.0.0.1:18099 -h "$work/hostsite" & pids+=($!)
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 --bind-interfaces \
-  --port=53 --address=/berth-test.internal/10.9.8.7 --log-facility=- 2> "$work/dnsmasq.log" & pids+=($!)
-printf 'nameserver 127.0.0.1\n' > "$work/resolv.conf"
-mount --bind "$work/resolv.conf" /etc/resolv.conf
-ip netns add berth-srv
-ip link add berth-veth0 type veth peer name berth-veth1 netns berth-srv
-ip addr add 10.55.0.1/24 dev berth-veth0 && ip link set berth-veth0 up
-ip -n berth-srv addr add 10.55.0.2/24 dev berth-veth1
-ip -n berth-srv link set berth-veth1 up && ip -n berth-srv link set lo up
-mkdir -p "$work/nssite" && echo served-from-a-network-namespace > "$work/nssite/ns.txt"
-ip netns exec berth-srv busybox httpd -f -p 10.55.0.2:80 -h "$work/nssite" & pids+=($!)
-
 # --- Berth, with a read-only share beside the default ones --------------------------------
-mkdir -p "$ro_share" && echo read-only-content > "$ro_share/ro.txt"
 check config berth config set cpus "$(berth_guest_cpus)"
 berth config set memory_mib 1024 >/dev/null
 berth config set disk_size_gib 8 >/dev/null
@@ -142,6 +165,15 @@ check kill-passt sh -c 'pkill -9 -x "passt(\.avx2)?" && echo killed passt'
 check port-while-passt-restarts get http://127.0.0.1:8080/index.html
 check way-out-after-passt sh -c "for i in \$(seq 30); do docker run --rm $img wget -qO- http://host.docker.internal:18099/host.txt && exit 0; sleep 2; done; exit 1"
 
+# --- Swarm: ports the routing mesh publishes (no userland proxy) ---------------------------
+check swarm-init docker swarm init
+check service-create docker service create --detach --name berth-svc -p 8098:80 \
+  --mount "type=bind,source=$work/site,target=/www" "$img" "${httpd_cmd[@]}"
+check service-port-answers sh -c "for i in \$(seq 90); do curl -sS --max-time 5 http://127.0.0.1:8098/index.html 2>/dev/null && exit 0; sleep 2; done; docker service ps --no-trunc berth-svc; exit 1"
+check service-port-listed sh -c "berth status --json | jq -e '[.ports[] | select(.host_port == 8098)] | length > 0'"
+check service-rm-closes-port sh -c "docker service rm berth-svc >/dev/null && for i in \$(seq 30); do $(declare -f refused); refused http://127.0.0.1:8098/index.html && exit 0; sleep 1; done; exit 1"
+check swarm-leave docker swarm leave --force
+
 # --- Shares at the same path ---------------------------------------------------------------
 check share-serves get http://127.0.0.1:8080/index.html
 echo changed-on-the-host > "$work/site/index.html"
@@ -155,6 +187,7 @@ mkdir -p "$work/out"
 check container-writes docker run --rm -v "$work/out:/out" "$img" sh -c 'echo from-a-container > /out/c.txt && mkdir /out/d && touch /out/d/e && chown 1234:1234 /out/c.txt; echo chown-status $?'
 check host-reads-container-file cat "$work/out/c.txt"
 check container-files-owner sh -c "owner=\$(stat -c %u:%g '$work/out/c.txt' '$work/out/d'); echo \"\$owner\"; want=\$(stat -c %u:%g '$work'); [ \"\$(echo \"\$owner\" | sort -u)\" = \"\$want\" ]"
+check no-root-owned-files sh -c "found=\$(find '$work' -uid 0 | head); [ -z \"\$found\" ] && echo \"nothing in the user's folder belongs to root\" || { echo \"root-owned: \$found\"; exit 1; }"
 dd if=/dev/urandom of="$work/big.bin" bs=1M count=256 status=none
 check big-file-read sh -c "host=\$(sha256sum < '$work/big.bin' | cut -d' ' -f1); guest=\$(docker run --rm -v '$work:$work' $img sh -c 'sha256sum < $work/big.bin' | cut -d' ' -f1); echo \"host \$host guest \$guest\"; [ -n \"\$host\" ] && [ \"\$host\" = \"\$guest\" ]"
 check big-file-write sh -c "docker run --rm -v '$work:$work' $img sh -c 'dd if=$work/big.bin of=$work/big-copy.bin bs=1M 2>/dev/null' && cmp '$work/big.bin' '$work/big-copy.bin' && echo copied-256MiB-identical"

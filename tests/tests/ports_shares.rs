@@ -35,6 +35,10 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     );
     expect("killed-mid-transfer", "20/20 connections");
     expect("killed-load-failed", "error");
+    // Swarm's routing mesh.
+    expect("service-port-answers", "hello-from-the-share");
+    expect("service-port-listed", "true");
+    expect("service-rm-closes-port", "curl http://127.0.0.1:8098");
     // The way out.
     expect("host-docker-internal", "served-by-the-test-host");
     expect(
@@ -103,8 +107,12 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     expect("inotify-burst-bounded", "events for 2000 files");
     expect("ports-closed-after-stop", "curl http://127.0.0.1:8080");
     for step in [
+        "unprivileged",
         "config",
         "config-shares",
+        "swarm-init",
+        "service-create",
+        "swarm-leave",
         "import",
         "run-web1",
         "run-web2",
@@ -115,6 +123,7 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
         "user-network",
         "run-seed",
         "container-files-owner",
+        "no-root-owned-files",
         "import-inotify",
         "run-watcher",
         "watcher-ready",

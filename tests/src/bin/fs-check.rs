@@ -110,7 +110,10 @@ fn mmap(dir: &Path) -> Result<&'static str> {
     // MAP_SHARED: stores reach the file.
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
     let mut shared = Map::new(&file, len, libc::MAP_SHARED)?;
-    ensure!(shared.bytes() == &original[..], "a shared mapping does not show the file's bytes");
+    ensure!(
+        shared.bytes() == &original[..],
+        "a shared mapping does not show the file's bytes"
+    );
     for (i, b) in shared.bytes().iter_mut().enumerate().step_by(PAGE / 2) {
         *b = (i / PAGE) as u8 ^ 0xa5;
     }
@@ -135,7 +138,10 @@ fn mmap(dir: &Path) -> Result<&'static str> {
 
     // MAP_PRIVATE: stores stay in the process.
     let mut private = Map::new(&file, len, libc::MAP_PRIVATE)?;
-    ensure!(private.bytes() == &expected[..], "a private mapping does not show the file's bytes");
+    ensure!(
+        private.bytes() == &expected[..],
+        "a private mapping does not show the file's bytes"
+    );
     private.bytes().fill(0xff);
     drop(private);
     ensure!(
@@ -205,7 +211,9 @@ fn locks(dir: &Path) -> Result<&'static str> {
 fn big(dir: &Path) -> Result<&'static str> {
     let path = dir.join("fs-check-big");
     let at: u64 = 4 << 30;
-    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(31) >> 3) as u8).collect();
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -220,10 +228,16 @@ fn big(dir: &Path) -> Result<&'static str> {
     ensure!(len == at + block.len() as u64, "the file is {len} bytes");
     let mut back = vec![0; block.len()];
     File::open(&path)?.read_exact_at(&mut back, at)?;
-    ensure!(back == block, "the bytes past 4 GiB differ from what was written");
+    ensure!(
+        back == block,
+        "the bytes past 4 GiB differ from what was written"
+    );
     let mut head = [1u8; 4096];
     File::open(&path)?.read_exact_at(&mut head, 0)?;
-    ensure!(head.iter().all(|&b| b == 0), "the hole does not read as zeros");
+    ensure!(
+        head.iter().all(|&b| b == 0),
+        "the hole does not read as zeros"
+    );
     fs::remove_file(&path)?;
     Ok("a file past 4 GiB")
 }
@@ -267,10 +281,17 @@ fn xattr(dir: &Path) -> Result<&'static str> {
         )
     };
     ensure!(got >= 0, "getxattr: {}", std::io::Error::last_os_error());
-    ensure!(&buf[..got as usize] == value, "getxattr returned other bytes");
+    ensure!(
+        &buf[..got as usize] == value,
+        "getxattr returned other bytes"
+    );
     // SAFETY: as above.
     let listed = unsafe { libc::listxattr(file.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    ensure!(listed >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    ensure!(
+        listed >= 0,
+        "listxattr: {}",
+        std::io::Error::last_os_error()
+    );
     let names: Vec<&[u8]> = buf[..listed as usize].split(|&b| b == 0).collect();
     ensure!(
         names.contains(&&b"user.berth.check"[..]),
