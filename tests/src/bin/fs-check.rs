@@ -12,6 +12,12 @@
 //!                        `xattr unsupported` (exit 0) when the file system refuses them with
 //!                        ENOTSUP, so the caller can compare the share with the host
 //!
+//!   fs-check wait-line FILE LINE START_MS LIMIT_MS
+//!                        polls FILE every 5 ms (no process per look, so the figure is the
+//!                        event's, not the poller's) until it holds the whole line LINE; prints
+//!                        how long after START_MS (ms since the epoch) that was; fails when it
+//!                        was later than LIMIT_MS, or not there within ten times that
+//!
 //! Prints `fs-check: ok WHAT` or fails with the first property that does not hold.
 
 use std::ffi::CString;
@@ -21,17 +27,21 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["mmap", dir] => mmap(Path::new(dir)),
-        ["locks", dir] => locks(Path::new(dir)),
-        ["big", dir] => big(Path::new(dir)),
-        ["xattr", dir] => xattr(Path::new(dir)),
-        _ => Err(anyhow::anyhow!("usage: fs-check mmap|locks|big|xattr DIR")),
+        ["mmap", dir] => mmap(Path::new(dir)).map(String::from),
+        ["locks", dir] => locks(Path::new(dir)).map(String::from),
+        ["big", dir] => big(Path::new(dir)).map(String::from),
+        ["xattr", dir] => xattr(Path::new(dir)).map(String::from),
+        ["wait-line", file, line, start, limit] => wait_line(Path::new(file), line, start, limit),
+        _ => Err(anyhow::anyhow!(
+            "usage: fs-check mmap|locks|big|xattr DIR | fs-check wait-line FILE LINE START_MS LIMIT_MS"
+        )),
     };
     match result {
         Ok(what) => println!("fs-check: ok {what}"),
@@ -316,4 +326,37 @@ fn xattr(dir: &Path) -> Result<&'static str> {
     );
     fs::remove_file(&path)?;
     Ok("user xattrs")
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn wait_line(file: &Path, line: &str, start: &str, limit: &str) -> Result<String> {
+    let start: u128 = start.parse().context("START_MS must be a number")?;
+    let limit: u128 = limit.parse().context("LIMIT_MS must be a number")?;
+    loop {
+        let now = now_ms();
+        let text = fs::read(file).unwrap_or_default();
+        if text.split(|&b| b == b'\n').any(|l| l == line.as_bytes()) {
+            let after = now.saturating_sub(start);
+            ensure!(
+                after <= limit,
+                "{line:?} in {} after {after} ms, over {limit} ms",
+                file.display()
+            );
+            return Ok(format!("{line:?} after {after} ms"));
+        }
+        if now.saturating_sub(start) > limit * 10 {
+            bail!(
+                "no {line:?} in {} within {} ms",
+                file.display(),
+                limit * 10
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
