@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn a_list_comes_from_a_real_socket() {
         let (socket, server) =
-            crate::docker_api::tests::serve_once("bind-watch", format!("[{INSPECT}]"));
+            crate::docker_api::tests::serve_once("bind-watch", "200 OK", format!("[{INSPECT}]"));
         let list = docker_api::get_json(&socket, LIST_TARGET).unwrap();
         server.join().unwrap();
         assert_eq!(bind_sources(&list, &["/home".into()]).len(), 2);

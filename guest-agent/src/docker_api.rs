@@ -201,10 +201,11 @@ pub mod tests {
         }
     }
 
-    /// A one-shot server on a real unix socket answering `body` chunked; returns the socket
-    /// and the thread that yields the request head it read.
+    /// A one-shot server on a real unix socket answering `status` (`200 OK`) and `body`
+    /// chunked; returns the socket and the thread that yields the request head it read.
     pub fn serve_once(
         name: &str,
+        status: &'static str,
         body: String,
     ) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
         let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
@@ -221,7 +222,7 @@ pub mod tests {
                 head.push(byte[0]);
             }
             let reply = format!(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
                 body.len()
             );
             conn.write_all(reply.as_bytes()).unwrap();
@@ -232,7 +233,7 @@ pub mod tests {
 
     #[test]
     fn json_comes_from_a_real_socket() {
-        let (socket, server) = serve_once("docker-api", r#"[{"Id": "x"}]"#.into());
+        let (socket, server) = serve_once("docker-api", "200 OK", r#"[{"Id": "x"}]"#.into());
         let list = get_json(&socket, "/containers/json").unwrap();
         let head = server.join().unwrap();
         assert!(

@@ -189,25 +189,12 @@ mod tests {
 
     #[test]
     fn a_node_outside_a_swarm_publishes_nothing() {
-        let dir = std::env::temp_dir().join(format!("berth-swarm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("docker.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            use std::io::{Read, Write};
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = conn.read(&mut buf).unwrap();
-            let body = r#"{"message":"This node is not a swarm manager."}"#;
-            let reply = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            conn.write_all(reply.as_bytes()).unwrap();
-        });
+        let body = r#"{"message":"This node is not a swarm manager."}"#;
+        let (socket, server) =
+            crate::docker_api::tests::serve_once("swarm", "503 Service Unavailable", body.into());
         assert!(list(&socket).unwrap().is_empty());
-        server.join().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let head = server.join().unwrap();
+        assert!(head.starts_with("GET /services HTTP/1.1\r\n"), "{head}");
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
     }
 }

@@ -351,11 +351,7 @@ fn wait_line(file: &Path, line: &str, start: &str, limit: &str) -> Result<String
             return Ok(format!("{line:?} after {after} ms"));
         }
         if now.saturating_sub(start) > limit * 10 {
-            bail!(
-                "no {line:?} in {} within {} ms",
-                file.display(),
-                limit * 10
-            );
+            bail!("no {line:?} in {} within {} ms", file.display(), limit * 10);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
