@@ -11,6 +11,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::link::Root;
 use super::request::FsHandler;
 use super::share::{Credentials, ShareFs};
 use super::{
@@ -106,10 +107,12 @@ pub(super) fn open_share(config: &FsConfig, euid: u32) -> Result<ShareFs, Error>
         uid: meta.uid(),
         gid: meta.gid(),
     };
+    let root = Root::open(&root).map_err(not_found)?;
     Ok(ShareFs::new(
         passthrough,
         config.read_only,
         Credentials::for_share(euid, owner),
+        root,
     ))
 }
 

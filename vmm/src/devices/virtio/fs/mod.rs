@@ -60,6 +60,7 @@
 mod device;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+mod link;
 mod request;
 mod share;
 

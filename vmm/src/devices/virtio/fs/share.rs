@@ -13,6 +13,8 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::link::{link_through_proc, Root};
+
 /// The credentials the passthrough file system runs every request with (it switches the
 /// thread's effective ids to them for the calls that create files, and does nothing when they
 /// are 0).
@@ -41,6 +43,8 @@ pub struct ShareFs {
     inner: PassthroughFs<()>,
     read_only: bool,
     creds: Credentials,
+    /// The share's root, for hard links made without privileges (`link`).
+    root: Root,
 }
 
 fn erofs() -> io::Error {
@@ -48,11 +52,12 @@ fn erofs() -> io::Error {
 }
 
 impl ShareFs {
-    pub fn new(inner: PassthroughFs<()>, read_only: bool, creds: Credentials) -> Self {
+    pub fn new(inner: PassthroughFs<()>, read_only: bool, creds: Credentials, root: Root) -> Self {
         Self {
             inner,
             read_only,
             creds,
+            root,
         }
     }
 
@@ -214,7 +219,14 @@ impl FileSystem for ShareFs {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        match self.inner.link(ctx, inode, newparent, newname) {
+            // linkat(AT_EMPTY_PATH) without CAP_DAC_READ_SEARCH: the unprivileged way.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                link_through_proc(&self.inner, ctx, &self.root, inode, newparent, newname)?;
+                self.inner.lookup(ctx, newparent, newname)
+            }
+            other => other,
+        }
     }
 
     fn open(

@@ -790,6 +790,67 @@ fn files_the_guest_creates_belong_to_the_user_running_the_vmm() {
     assert!(owners.iter().all(|&o| o == first), "{owners:?}");
 }
 
+/// LINK `inode` as `name` in `parent`.
+fn link(client: &mut Client, inode: u64, parent: u64, name: &str) -> Reply {
+    let mut body = inode.to_le_bytes().to_vec();
+    body.extend_from_slice(&cstr(name));
+    client.call(Opcode::Link, parent, &body)
+}
+
+/// What an ordinary user's VMM makes of LINK: (the new entry's inode, the host's link count and
+/// whether both names are one host file, the reply to a link of an inode whose name was
+/// swapped for a symlink leading out of the share, and what that link holds).
+fn link_as_guest(share: &Path, outside: &Path) -> (u64, u64, bool, i32, Vec<u8>) {
+    let mut client = Client::start(share, false);
+    let (file, open) = created(client.create(ROOT, "original", 0o644));
+    client.release(file.nodeid, open.fh);
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    let mut body = mkdir.as_slice().to_vec();
+    body.extend_from_slice(&cstr("sub"));
+    let sub = entry_of_reply(client.call(Opcode::Mkdir, ROOT, &body));
+    let linked = entry_of_reply(link(&mut client, file.nodeid, sub.nodeid, "second"));
+    let a = fs::metadata(share.join("original")).unwrap();
+    let b = fs::metadata(share.join("sub/second")).unwrap();
+    let same = (a.dev(), a.ino()) == (b.dev(), b.ino());
+
+    // The guest looks up a file, then (racing) its name becomes a symlink to a file outside:
+    // the link must not reach the outside file.
+    fs::write(share.join("victim"), b"in the share").unwrap();
+    let victim = entry_of(&mut client, ROOT, "victim");
+    fs::rename(share.join("victim"), share.join("victim-moved")).unwrap();
+    std::os::unix::fs::symlink(outside, share.join("victim")).unwrap();
+    let raced = link(&mut client, victim.nodeid, ROOT, "raced").error;
+    let linked_bytes = fs::read(share.join("raced")).unwrap_or_default();
+    (linked.attr.ino, b.nlink(), same, raced, linked_bytes)
+}
+
+#[test]
+fn hard_links_work_for_an_ordinary_user_and_never_reach_outside() {
+    let dir = Dir::new();
+    let share = dir.share();
+    let outside = dir.0.join("outside-secret");
+    fs::write(&outside, b"secret").unwrap();
+    let (ino, nlink, same, raced, raced_bytes) = if euid() == 0 {
+        const USER: u32 = 4242;
+        std::os::unix::fs::chown(&share, Some(USER), Some(USER)).unwrap();
+        let out = outside.clone();
+        as_ordinary_user(USER, move || link_as_guest(&share, &out))
+    } else {
+        link_as_guest(&share, &outside)
+    };
+    assert!(ino != 0);
+    assert_eq!(nlink, 2, "the host file has both names");
+    assert!(same, "both names are one host file");
+    // LINK names the inode the guest looked up, wherever it went: the moved file in the share,
+    // never what its old name leads to now.
+    assert_eq!(raced, 0);
+    assert_eq!(raced_bytes, b"in the share");
+    assert_eq!(fs::metadata(&outside).unwrap().nlink(), 1);
+}
+
 #[test]
 fn a_root_vmm_creates_files_as_the_owner_of_the_share() {
     if euid() != 0 {
