@@ -118,7 +118,8 @@ check run-web2 docker run -d --name web2 -p 8081:80 -v "$work/site:/www" "$img" 
 check two-ports-at-once sh -c "curl -sS --max-time 20 http://127.0.0.1:8080/index.html & curl -sS --max-time 20 http://127.0.0.1:8081/index.html; wait"
 check ipv6-loopback get "http://[::1]:8080/index.html"
 check docker-port docker port web1
-check random-port sh -c "docker run -d --name web3 -p 80 -v '$work/site:/www' $img ${httpd_cmd[*]} >/dev/null && port=\$(docker port web3 80/tcp | head -n 1 | sed 's/.*://') && echo \"random port \$port\" && curl -sS --max-time 20 http://127.0.0.1:\$port/index.html"
+# -P: dockerd picks the host port of each exposed port; the host binds that one.
+check random-port sh -c "docker run -d --name web3 --expose 80 -P -v '$work/site:/www' $img ${httpd_cmd[*]} >/dev/null && port=\$(docker port web3 80/tcp | head -n 1 | sed 's/.*://') && echo \"random port \$port\" && curl -sS --max-time 20 http://127.0.0.1:\$port/index.html"
 check loopback-only docker run -d --name web4 -p 127.0.0.1:8082:80 -v "$work/site:/www" "$img" "${httpd_cmd[@]}"
 check loopback-only-answers get http://127.0.0.1:8082/index.html
 other_ip=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); print $4; exit }')
