@@ -57,7 +57,9 @@ diagnose() {
   berth_report_guest_reset bench || true
 }
 trap 'status=$?; [ "$status" = 0 ] || diagnose "$status"; [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null; berth stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# ratio A B: A/B, or n/a when B is 0 (a figure below the clock's resolution: the rig's test host
+# counts time in 4 ms jiffies).
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) printf "n/a"; else printf "%.2f", a / b }'; }
 
 where="directly on hardware KVM"
 [ "${BERTH_IN_RIG:-0}" = 1 ] && where="in the nested rig (the VM host is the emulated test host: absolute figures are far from hardware, ratios matter)"

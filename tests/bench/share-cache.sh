@@ -35,7 +35,7 @@ berth config set cpus "$(berth_guest_cpus)" >/dev/null
 berth config set disk_size_gib 8 >/dev/null
 work=$(mktemp -d "${TMPDIR:-/tmp}/berth-bench-cache-XXXXXX")
 trap 'status=$?; [ "$status" = 0 ] || { berth_show_logs >&2 || true; }; berth stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) printf "n/a"; else printf "%.2f", a / b }'; }
 phases() { awk '/^fs-bench: (unpack|stat|read|delete) / { printf "%s ", $3 }'; }
 total() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.3f", s }'; }
 

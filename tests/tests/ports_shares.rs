@@ -60,7 +60,7 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
     expect("container-writes", "chown-status 0");
     expect("host-reads-container-file", "from-a-container");
     expect("big-file-read", "host ");
-    expect("big-file-write", "copied-256MiB-identical");
+    expect("big-file-write", "copied-128MiB-identical");
     expect("many-files", "files 2000 ");
     expect("read-only-share-reads", "read-only-content");
     expect("read-only-share-refuses", "ead-only");
