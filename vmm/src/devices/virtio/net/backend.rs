@@ -11,8 +11,12 @@ use super::MAX_FRAME;
 
 /// Bytes queued for the socket past which the device stops taking TX chains until it drains.
 pub const TX_HIGH_WATER: usize = 256 * 1024;
-/// Bytes taken from the socket per read at most.
-pub const RX_BUFFER: usize = 256 * 1024;
+/// Bytes read from the socket and not yet delivered that the device holds at most. The socket
+/// is read on while the guest has no RX buffers, until this is full: passt drops a frame whose
+/// write would block (a tap link may lose frames; its TCP then retransmits), and a unix socket
+/// holds only a few 64 KiB frames, so a device that stopped reading at once turned every burst
+/// into losses. QEMU queues for the same reason.
+pub const RX_BUFFER: usize = 4 << 20;
 
 /// What a read from the socket found.
 #[derive(Debug, PartialEq, Eq)]
@@ -122,7 +126,12 @@ impl Backend {
         Ok(())
     }
 
-    /// Reads once from the socket into the frame buffer.
+    /// Whether the frame buffer can take more bytes from the socket.
+    pub fn rx_room(&self) -> bool {
+        self.rx.room() > 0
+    }
+
+    /// Reads once from the socket into the frame buffer (which must have room).
     pub fn read(&mut self) -> ReadResult {
         let Some(stream) = self.stream.as_mut() else {
             return ReadResult::Closed;

@@ -229,10 +229,11 @@ impl NetHandler {
         self.process_tx(ctx);
     }
 
-    /// Watches the socket for reading unless RX is blocked, for writing while bytes wait.
+    /// Watches the socket for reading while the frame buffer has room, for writing while bytes
+    /// wait.
     fn update_interest(&mut self, ctx: &mut Context<'_>) {
         let mut interest = EventSet::empty();
-        if !self.rx_blocked {
+        if self.backend.rx_room() {
             interest |= EventSet::IN;
         }
         if self.backend.tx_pending() {
@@ -287,12 +288,14 @@ impl NetHandler {
         self.update_interest(ctx);
     }
 
-    /// Reads from the socket and delivers the frames, until it is empty, RX buffers run out,
-    /// or it has had its turn.
+    /// Reads from the socket and delivers the frames, until the socket is empty, the frame
+    /// buffer is full (while RX buffers are out, frames wait there), or it has had its turn.
     fn process_rx(&mut self, ctx: &mut Context<'_>) {
         for _ in 0..READS_PER_EVENT {
-            self.deliver_frames(ctx);
-            if self.rx_blocked || !self.backend.is_connected() {
+            if !self.rx_blocked {
+                self.deliver_frames(ctx);
+            }
+            if !self.backend.is_connected() || !self.backend.rx_room() {
                 break;
             }
             match self.backend.read() {
@@ -305,7 +308,9 @@ impl NetHandler {
                 }
             }
         }
-        self.deliver_frames(ctx);
+        if !self.rx_blocked {
+            self.deliver_frames(ctx);
+        }
         self.update_interest(ctx);
     }
 
@@ -407,7 +412,7 @@ impl DeviceHandler for NetHandler {
         if readiness.contains(EventSet::IN) {
             self.process_rx(ctx);
         } else if readiness.intersects(EventSet::HANG_UP | EventSet::ERROR) {
-            // Not reading (RX is blocked) and the peer is gone.
+            // Not reading (the frame buffer is full) and the peer is gone.
             self.lost(ctx);
         }
     }

@@ -138,12 +138,19 @@ impl FrameBuffer {
         }
     }
 
-    /// Where the next read goes; never empty while [`next`](Self::next) answers `Partial`.
+    /// Bytes a read may still add (after moving what is undelivered to the front).
+    pub fn room(&self) -> usize {
+        self.buf.len() - (self.end - self.start)
+    }
+
+    /// Where the next read goes; empty only when [`room`](Self::room) is 0, and never while
+    /// [`next`](Self::next) answers `Partial`.
     pub fn spare(&mut self) -> &mut [u8] {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.buf.len() - self.start < LEN_PREFIX + MAX_FRAME {
+        } else if self.buf.len() - self.start < LEN_PREFIX + MAX_FRAME || self.end == self.buf.len()
+        {
             // The frame under way might not fit after `start`: move it to the front.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
