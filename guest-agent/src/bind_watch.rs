@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,14 +68,10 @@ fn publish_loop(socket: &Path, shares: &[PathBuf], bus: &Bus, kicked: &mpsc::Rec
     let mut published = Instant::now();
     let mut last_error: Option<Instant> = None;
     loop {
-        match kicked.recv_timeout(RETRY) {
-            Ok(()) => {
-                std::thread::sleep(DEBOUNCE);
-                while kicked.try_recv().is_ok() {}
-                stale = true;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        match docker_api::next_kick(kicked, RETRY, DEBOUNCE) {
+            Some(true) => stale = true,
+            Some(false) => {}
+            None => return,
         }
         let mut publish = false;
         if stale {

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 /// How long to wait between attempts while dockerd is not answering.
@@ -74,6 +74,21 @@ pub fn follow_events(socket: &Path, target: &str, kick: &Sender<()>) {
             return;
         }
         std::thread::sleep(RETRY);
+    }
+}
+
+/// Waits up to `wait` for a kick of `follow_events`; after one, lets a burst settle for
+/// `debounce` and takes every kick it brought. `Some(true)` when kicked, `Some(false)` when the
+/// wait ran out, `None` when the events thread is gone.
+pub fn next_kick(kicked: &Receiver<()>, wait: Duration, debounce: Duration) -> Option<bool> {
+    match kicked.recv_timeout(wait) {
+        Ok(()) => {
+            std::thread::sleep(debounce);
+            while kicked.try_recv().is_ok() {}
+            Some(true)
+        }
+        Err(RecvTimeoutError::Timeout) => Some(false),
+        Err(RecvTimeoutError::Disconnected) => None,
     }
 }
 

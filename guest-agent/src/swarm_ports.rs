@@ -14,13 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use berth_protocol::ports::{Proto, Publish, PUBLISH_PORT};
+use berth_protocol::ports::{Proto, Publish};
 
 use crate::docker_api::{self, Error};
-use crate::vsock::{VsockStream, HOST_CID};
+use crate::vsock::VsockStream;
 use crate::{console, daemons, port_proxy};
 
 /// dockerd's service events: `filters={"type":["service"]}`.
@@ -86,13 +86,8 @@ fn publish_loop(socket: &Path, address: Ipv4Addr, kicked: &mpsc::Receiver<()>) {
     let mut held: BTreeMap<MeshPort, VsockStream> = BTreeMap::new();
     let mut refused: BTreeSet<MeshPort> = BTreeSet::new();
     loop {
-        match kicked.recv_timeout(REFRESH) {
-            Ok(()) => {
-                std::thread::sleep(DEBOUNCE);
-                while kicked.try_recv().is_ok() {}
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        if docker_api::next_kick(kicked, REFRESH, DEBOUNCE).is_none() {
+            return;
         }
         // dockerd starting or restarting: the next kick or refresh tries again.
         let Ok(wanted) = list(socket) else { continue };
@@ -141,8 +136,7 @@ fn publish(
         container_ip: IpAddr::V4(address),
         container_port: port,
     };
-    let mut conn =
-        VsockStream::connect(HOST_CID, PUBLISH_PORT).map_err(port_proxy::Error::ConnectHost)?;
+    let mut conn = port_proxy::connect_host()?;
     let bound = port_proxy::publish(&mut conn, &request)?;
     Ok((conn, bound))
 }

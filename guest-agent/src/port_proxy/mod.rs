@@ -110,12 +110,13 @@ fn main(args: &[String]) -> i32 {
                 || UnixStream::connect(&path).map_err(|e| Error::ConnectSocket(path.clone(), e));
             run(&args, passed, report_pipe, connect)
         }
-        None => {
-            let connect =
-                || VsockStream::connect(HOST_CID, PUBLISH_PORT).map_err(Error::ConnectHost);
-            run(&args, passed, report_pipe, connect)
-        }
+        None => run(&args, passed, report_pipe, connect_host),
     }
+}
+
+/// The publish connection to the host proxy (vsock CID 2, `PUBLISH_PORT`).
+pub fn connect_host() -> Result<VsockStream, Error> {
+    VsockStream::connect(HOST_CID, PUBLISH_PORT).map_err(Error::ConnectHost)
 }
 
 fn run<D: Duplex>(
