@@ -20,7 +20,7 @@
 //!
 //! Prints `fs-check: ok WHAT` or fails with the first property that does not hold.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -256,6 +256,24 @@ fn c_path(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).context("a path with a NUL")
 }
 
+/// The value of the extended attribute `name` of `file` (at most 256 bytes).
+fn getxattr(file: &CStr, name: &CStr) -> std::io::Result<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length; the kernel writes at most that.
+    let got = unsafe {
+        libc::getxattr(
+            file.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf[..got as usize].to_vec())
+}
+
 fn xattr(dir: &Path) -> Result<&'static str> {
     let path = dir.join("fs-check-xattr");
     fs::write(&path, b"x")?;
@@ -280,21 +298,9 @@ fn xattr(dir: &Path) -> Result<&'static str> {
         }
         return Err(e).context("setxattr");
     }
+    let got = getxattr(&file, &name).context("getxattr")?;
+    ensure!(got == value, "getxattr returned other bytes");
     let mut buf = [0u8; 256];
-    // SAFETY: as above; the kernel writes at most buf.len() bytes.
-    let got = unsafe {
-        libc::getxattr(
-            file.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    ensure!(got >= 0, "getxattr: {}", std::io::Error::last_os_error());
-    ensure!(
-        &buf[..got as usize] == value,
-        "getxattr returned other bytes"
-    );
     // SAFETY: as above.
     let listed = unsafe { libc::listxattr(file.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     ensure!(
@@ -311,17 +317,8 @@ fn xattr(dir: &Path) -> Result<&'static str> {
     if unsafe { libc::removexattr(file.as_ptr(), name.as_ptr()) } != 0 {
         bail!("removexattr: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: as above.
-    let gone = unsafe {
-        libc::getxattr(
-            file.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
     ensure!(
-        gone < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA),
+        getxattr(&file, &name).err().and_then(|e| e.raw_os_error()) == Some(libc::ENODATA),
         "the attribute is still there after removexattr"
     );
     fs::remove_file(&path)?;

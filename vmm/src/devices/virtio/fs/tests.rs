@@ -189,6 +189,17 @@ impl Client {
         self.call(Opcode::Lookup, parent, &cstr(name))
     }
 
+    /// MKDIR `name` (mode 0755) in `parent`.
+    fn mkdir(&mut self, parent: u64, name: &str) -> Reply {
+        let args = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        };
+        let mut body = args.as_slice().to_vec();
+        body.extend_from_slice(&cstr(name));
+        self.call(Opcode::Mkdir, parent, &body)
+    }
+
     fn getattr(&mut self, inode: u64) -> Reply {
         self.call(Opcode::Getattr, inode, GetattrIn::default().as_slice())
     }
@@ -391,13 +402,7 @@ fn a_file_created_and_written_reads_back_the_same_on_both_sides() {
         .is_empty());
     client.release(found.nodeid, open.fh);
 
-    let mkdir = MkdirIn {
-        mode: 0o755,
-        umask: 0,
-    };
-    let mut body = mkdir.as_slice().to_vec();
-    body.extend_from_slice(&cstr("sub"));
-    entry_of_reply(client.call(Opcode::Mkdir, ROOT, &body));
+    entry_of_reply(client.mkdir(ROOT, "sub"));
     assert!(dir.share().join("sub").is_dir());
     assert_eq!(client.list(ROOT), ["hello.bin", "sub"]);
 }
@@ -586,13 +591,7 @@ fn a_read_only_share_refuses_every_write_with_erofs() {
     let erofs = -libc::EROFS;
 
     assert_eq!(client.create(ROOT, "new", 0o644).error, erofs);
-    let mkdir = MkdirIn {
-        mode: 0o755,
-        umask: 0,
-    };
-    let mut body = mkdir.as_slice().to_vec();
-    body.extend_from_slice(&cstr("newdir"));
-    assert_eq!(client.call(Opcode::Mkdir, ROOT, &body).error, erofs);
+    assert_eq!(client.mkdir(ROOT, "newdir").error, erofs);
     assert_eq!(client.call(Opcode::Unlink, ROOT, &cstr("f")).error, erofs);
     assert_eq!(client.call(Opcode::Rmdir, ROOT, &cstr("d")).error, erofs);
     let mut body = cstr("target");
@@ -731,13 +730,7 @@ fn create_as_guest_users(share: &Path) -> Vec<(u32, u32)> {
         let name = format!("by-{}", caller.0);
         let (entry, open) = created(client.create(ROOT, &name, 0o644));
         client.release(entry.nodeid, open.fh);
-        let mkdir = MkdirIn {
-            mode: 0o755,
-            umask: 0,
-        };
-        let mut body = mkdir.as_slice().to_vec();
-        body.extend_from_slice(&cstr(&format!("dir-{i}")));
-        entry_of_reply(client.call(Opcode::Mkdir, ROOT, &body));
+        entry_of_reply(client.mkdir(ROOT, &format!("dir-{i}")));
         for path in [share.join(&name), share.join(format!("dir-{i}"))] {
             let meta = fs::metadata(path).unwrap();
             owners.push((meta.uid(), meta.gid()));
@@ -804,13 +797,7 @@ fn link_as_guest(share: &Path, outside: &Path) -> (u64, u64, bool, i32, Vec<u8>)
     let mut client = Client::start(share, false);
     let (file, open) = created(client.create(ROOT, "original", 0o644));
     client.release(file.nodeid, open.fh);
-    let mkdir = MkdirIn {
-        mode: 0o755,
-        umask: 0,
-    };
-    let mut body = mkdir.as_slice().to_vec();
-    body.extend_from_slice(&cstr("sub"));
-    let sub = entry_of_reply(client.call(Opcode::Mkdir, ROOT, &body));
+    let sub = entry_of_reply(client.mkdir(ROOT, "sub"));
     let linked = entry_of_reply(link(&mut client, file.nodeid, sub.nodeid, "second"));
     let a = fs::metadata(share.join("original")).unwrap();
     let b = fs::metadata(share.join("sub/second")).unwrap();
