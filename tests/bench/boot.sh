@@ -4,7 +4,7 @@
 #
 #   tests/bench/boot.sh [RUNS]       # default 5 runs each
 #
-# Needs the environment of tests/setup.sh (read from $CACHE/env.sh when not exported). Where
+# Needs the environment of tests/setup.sh (bench-env.sh reads the cache's env.sh when it is not exported). Where
 # Linux guests need the nested rig, the script runs itself inside it.
 # Both get: root image read-only as /dev/vda, `berth.data=none berth.on_ready=poweroff quiet`,
 # 512 MiB, 1 vCPU. QEMU's microvm without ACPI only halts on power-off, so it is killed a second
@@ -13,21 +13,10 @@ set -euo pipefail
 
 runs=${1:-5}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
-if [ -z "${BERTH_KERNEL:-}" ]; then
-  [ -f "$CACHE/env.sh" ] || { echo "bench: run tests/setup.sh first (no $CACHE/env.sh)" >&2; exit 1; }
-  # shellcheck source=/dev/null
-  . "$CACHE/env.sh"
-fi
-for v in BERTH_VMM BERTH_KERNEL BERTH_ROOTFS BERTH_BOOT_TIMER; do
-  [ -e "${!v:-}" ] || { echo "bench: $v=${!v:-} missing; run tests/setup.sh" >&2; exit 1; }
-done
-
-# shellcheck source=tests/rig/detect.sh
-. "$here/../rig/detect.sh"
-if [ "$(berth_rig_mode)" = rig ]; then
-  exec "$here/../rig/run-in-rig.sh" --timeout 1200 -- "$here/boot.sh" "$@"
-fi
+# shellcheck source=tests/bench/bench-env.sh
+. "$here/bench-env.sh"
+bench_env BERTH_VMM BERTH_KERNEL BERTH_ROOTFS BERTH_BOOT_TIMER
+bench_in_rig --timeout 1200 -- "$here/boot.sh" "$@"
 
 cmdline="root=/dev/vda ro rootfstype=ext4 berth.data=none berth.docker=off berth.on_ready=poweroff quiet"
 memory=512

@@ -15,21 +15,10 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 runs=${1:-5}
-CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
-if [ -z "${BERTH_VMM:-}" ]; then
-  [ -f "$CACHE/env.sh" ] || { echo "bench: run tests/setup.sh first (no $CACHE/env.sh)" >&2; exit 1; }
-  # shellcheck source=/dev/null
-  . "$CACHE/env.sh"
-fi
-for v in BERTH_VMM BERTH_KERNEL BERTH_ROOTFS; do
-  [ -e "${!v:-}" ] || { echo "bench: $v=${!v:-} missing; run tests/setup.sh" >&2; exit 1; }
-done
-
-# shellcheck source=tests/rig/detect.sh
-. "$here/../rig/detect.sh"
-if [ "$(berth_rig_mode)" = rig ]; then
-  exec "$here/../rig/run-in-rig.sh" --timeout 900 -- "$here/docker.sh" "$@"
-fi
+# shellcheck source=tests/bench/bench-env.sh
+. "$here/bench-env.sh"
+bench_env BERTH_VMM BERTH_KERNEL BERTH_ROOTFS
+bench_in_rig --timeout 900 -- "$here/docker.sh" "$@"
 
 # shellcheck source=tests/e2e/berth-home.sh
 . "$here/../e2e/berth-home.sh"

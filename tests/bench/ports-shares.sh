@@ -19,25 +19,14 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
-if [ -z "${BERTH_VMM:-}" ]; then
-  [ -f "$CACHE/env.sh" ] || { echo "bench: run tests/setup.sh first (no $CACHE/env.sh)" >&2; exit 1; }
-  # shellcheck source=/dev/null
-  . "$CACHE/env.sh"
-fi
-for v in BERTH_VMM BERTH_KERNEL BERTH_ROOTFS BERTH_NET_PROBE; do
-  [ -e "${!v:-}" ] || { echo "bench: $v=${!v:-} missing; run tests/setup.sh" >&2; exit 1; }
-done
+# shellcheck source=tests/bench/bench-env.sh
+. "$here/bench-env.sh"
+bench_env BERTH_VMM BERTH_KERNEL BERTH_ROOTFS BERTH_NET_PROBE
 fs_bench=$(dirname "$BERTH_NET_PROBE")/fs-bench
 [ -x "$fs_bench" ] || { echo "bench: $fs_bench missing; run tests/setup.sh" >&2; exit 1; }
 command -v iperf3 >/dev/null || { echo "bench: iperf3 missing; run tests/setup.sh" >&2; exit 1; }
 
-# shellcheck source=tests/rig/detect.sh
-. "$here/../rig/detect.sh"
-if [ "$(berth_rig_mode)" = rig ]; then
-  exec "$here/../rig/run-in-rig.sh" --memory 4096 --timeout 1500 --name "ports and shares benchmark" \
-    -- "$here/ports-shares.sh" "$@"
-fi
+bench_in_rig --memory 4096 --timeout 1500 --name "ports and shares benchmark" -- "$here/ports-shares.sh" "$@"
 
 # shellcheck source=tests/e2e/berth-home.sh
 . "$here/../e2e/berth-home.sh"
