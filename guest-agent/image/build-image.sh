@@ -3,7 +3,7 @@
 #
 #   guest-agent/image/build-image.sh AGENT_BINARY
 #
-# Stage 1 (slow, ~1 min, needs the Debian mirror): a debootstrap'ed bookworm tree with dockerd,
+# Stage 1 (slow, ~1 min, needs the Debian mirror): a debootstrap'ed Debian tree with dockerd,
 # containerd and runc, trimmed, cached as $CACHE/rootfs/tree-<key>, where <key> hashes this
 # script's package list and stage-1 steps, so editing them rebuilds the tree.
 # Stage 2 (fast, seconds): that tree plus AGENT_BINARY as /sbin/init (and linked as dockerd's
@@ -16,8 +16,16 @@ set -euo pipefail
 
 CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 MIRROR=${BERTH_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-SUITE=bookworm
-PACKAGES=docker.io,containerd,runc,iptables,e2fsprogs,ca-certificates
+# The guest's Debian release: trixie (docker.io 26.1, containerd 1.7, runc 1.1). bookworm
+# (docker.io 20.10) is kept only as the baseline the benchmarks measure the current image against.
+SUITE=${BERTH_GUEST_SUITE:-trixie}
+case "$SUITE" in
+  # docker-cli: `berth shell -- docker ...` in the guest (the benchmarks' in-guest baseline and
+  # a user's last resort when the host side is broken); trixie ships it apart from dockerd.
+  trixie) PACKAGES=docker.io,docker-cli,containerd,runc,tini,iptables,e2fsprogs,ca-certificates ;;
+  bookworm) PACKAGES=docker.io,containerd,runc,iptables,e2fsprogs,ca-certificates ;;
+  *) echo "build-image: error: BERTH_GUEST_SUITE=$SUITE: only trixie (the guest) and bookworm (the benchmarks' baseline) are built" >&2; exit 2 ;;
+esac
 
 log() { echo "build-image: $*" >&2; }
 die() { echo "build-image: error: $*" >&2; exit 1; }
@@ -39,6 +47,12 @@ stage1() {
     "$tree"/usr/share/doc/* "$tree"/usr/share/man/* "$tree"/usr/share/info/* \
     "$tree"/usr/share/lintian "$tree"/usr/share/linda "$tree"/usr/share/bug
   find "$tree"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+  # What no part of the guest runs: containerd's debugging client, the v1 shims (dockerd starts
+  # io.containerd.runc.v2), docker's own userland proxy (the agent is dockerd's), and glibc's
+  # character-set converters. About 60 MB.
+  rm -f "$tree"/usr/bin/ctr "$tree"/usr/bin/containerd-shim "$tree"/usr/bin/containerd-shim-runc-v1 \
+    "$tree"/usr/sbin/docker-proxy "$tree"/usr/bin/docker-proxy
+  rm -rf "$tree"/usr/lib/x86_64-linux-gnu/gconv
   # The data disk is mounted on /var/lib/berth and bound onto these by the agent; anything the
   # packages put there would be hidden anyway.
   rm -rf "$tree"/var/lib/docker "$tree"/var/lib/containerd "$tree"/var/log
@@ -51,6 +65,12 @@ stage1() {
   printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$tree"/etc/hosts
   # The root is read-only and has no init of its own: /sbin/init is the agent (stage 2).
   rm -f "$tree"/sbin/init "$tree"/usr/sbin/init
+  # dockerd 20.10 (the bookworm baseline) writes a key into /etc/docker at start, which is
+  # read-only here; the agent adds this image's settings to its daemon.json. dockerd 26 writes none.
+  if [ "$SUITE" = bookworm ]; then
+    mkdir -p "$tree"/etc/berth
+    echo '{ "deprecated-key-path": "/var/lib/docker/key.json" }' > "$tree"/etc/berth/daemon.json
+  fi
 }
 
 # The tree plus the agent, as an ext4 image at $2, from a disposable copy $1 of the tree.

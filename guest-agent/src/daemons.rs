@@ -21,6 +21,9 @@ pub const SHUTDOWN_TIMEOUT_SECS: u32 = 10;
 /// PATH of the daemons and shell sessions (dockerd finds runc, iptables, the shims on it).
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DAEMON_JSON: &str = "daemon.json";
+/// dockerd settings an older image needs besides the agent's (the bookworm baseline's 20.10
+/// writes a key into the read-only /etc/docker unless told `deprecated-key-path`).
+pub const IMAGE_DAEMON_JSON: &str = "/etc/berth/daemon.json";
 const CONTAINERD_TOML: &str = "containerd.toml";
 
 /// Errors of this module; each names the operation that failed.
@@ -32,6 +35,8 @@ pub enum Error {
     Write(PathBuf, #[source] std::io::Error),
     #[error("encode daemon.json")]
     Encode(#[source] serde_json::Error),
+    #[error("{IMAGE_DAEMON_JSON} is not a JSON object")]
+    ImageSettings(#[source] serde_json::Error),
     #[error("ask dockerd for /_ping")]
     Ping(#[source] std::io::Error),
 }
@@ -69,11 +74,28 @@ pub fn daemon_json() -> Result<String, Error> {
         // has the host proxy listen on the host for as long as it runs.
         "userland-proxy": true,
         "userland-proxy-path": crate::port_proxy::PATH,
-        // dockerd 20.10 keeps a key in /etc/docker by default, which is read-only here.
-        "deprecated-key-path": "/var/lib/docker/key.json",
     });
     add_host_gateway(&mut value, HOST_GATEWAY.get().copied());
+    add_image_settings(
+        &mut value,
+        std::fs::read_to_string(IMAGE_DAEMON_JSON).ok().as_deref(),
+    )?;
     serde_json::to_string_pretty(&value).map_err(Error::Encode)
+}
+
+/// Adds the settings the image's own dockerd needs (`IMAGE_DAEMON_JSON`, an object; absent in
+/// the current image) to a daemon.json value. The agent's own keys win: an image cannot move
+/// dockerd's sockets or state off where the agent and the host proxy expect them.
+fn add_image_settings(value: &mut serde_json::Value, image: Option<&str>) -> Result<(), Error> {
+    let Some(text) = image else { return Ok(()) };
+    let extra: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(Error::ImageSettings)?;
+    if let Some(map) = value.as_object_mut() {
+        for (key, v) in extra {
+            map.entry(key).or_insert(v);
+        }
+    }
+    Ok(())
 }
 
 /// containerd's configuration: its state on the data disk, no CRI plugin (no Kubernetes here).
@@ -186,6 +208,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn image_settings_add_keys_but_never_replace_the_agents() {
+        let mut value = serde_json::json!({ "data-root": "/var/lib/docker" });
+        add_image_settings(&mut value, None).unwrap();
+        assert_eq!(value, serde_json::json!({ "data-root": "/var/lib/docker" }));
+        add_image_settings(
+            &mut value,
+            Some(r#"{ "deprecated-key-path": "/var/lib/docker/key.json", "data-root": "/etc" }"#),
+        )
+        .unwrap();
+        assert_eq!(value["deprecated-key-path"], "/var/lib/docker/key.json");
+        assert_eq!(value["data-root"], "/var/lib/docker");
+        let err = add_image_settings(&mut value, Some("[1, 2]")).unwrap_err();
+        assert!(err.to_string().contains("/etc/berth/daemon.json"), "{err}");
     }
 
     #[test]
