@@ -6,10 +6,13 @@
 #
 #   BERTH_VMM, BERTH_AGENT, BERTH_BOOT_TIMER, BERTH_VSOCK_STRESS, BERTH_NET_PROBE  release binaries
 #   BERTH_KERNEL            the guest kernel (PVH vmlinux)
-#   BERTH_ROOTFS            the read-only root image (ext4)
+#   BERTH_ROOTFS            the read-only root image (ext4, Debian trixie)
+#   BERTH_ROOTFS_BASELINE   the previous image (bookworm, dockerd 20.10), the benchmarks' baseline
 #   BERTH_TEST_HOST_KERNEL  the nested rig's kernel (vmlinux)
 #   BERTH_RIG_RUN           tests/rig/run-in-rig.sh
 #   BERTH_RIG_MODE          direct | rig (tests/rig/detect.sh)
+#   BERTH_DOCKER_PLUGINS    docker-compose and docker-buildx from Debian trixie (cli/docker-tools.sh)
+#   BERTH_DOCKER_REGISTRY   trixie's docker-registry binary (the registry test's image)
 #   CARGO_TARGET_DIR        where the binaries were built
 #
 # Steps: Debian packages (apt-get update only if one is missing), cargo build of the workspace's
@@ -74,7 +77,21 @@ phase "test-host kernel"
 
 # 4. Guest image.
 rootfs=$("$repo/guest-agent/image/build-image.sh" "$target/release/berth-agent") || die "guest image build failed"
-phase "guest image"
+# The previous image (bookworm, dockerd 20.10): the docker benchmark's baseline for start time
+# and size.
+rootfs_baseline=$(BERTH_GUEST_SUITE=bookworm "$repo/guest-agent/image/build-image.sh" "$target/release/berth-agent") ||
+  die "baseline (bookworm) guest image build failed"
+phase "guest images"
+
+# 5. The host side of docker: trixie's compose and buildx plugins for this user (and a docker CLI
+# if none is on PATH), a copy in the cache that the e2e tests link into their own docker configs,
+# and Debian's registry binary for the registry test's image.
+"$repo/cli/docker-tools.sh" install || die "cannot install the docker CLI plugins"
+DOCKER_CONFIG=$CACHE/docker-tools "$repo/cli/docker-tools.sh" install 2>/dev/null ||
+  die "cannot install the docker CLI plugins into $CACHE/docker-tools"
+registry=$("$repo/cli/docker-tools.sh" extract docker-registry)/root/usr/bin/docker-registry
+[ -x "$registry" ] || die "trixie's docker-registry package has no $registry"
+phase "docker tools"
 
 # shellcheck source=tests/rig/detect.sh
 . "$repo/tests/rig/detect.sh"
@@ -91,9 +108,12 @@ env_file=$CACHE/env.sh
   printf 'export BERTH_NET_PROBE=%q\n' "$target/release/net-probe"
   printf 'export BERTH_KERNEL=%q\n' "$guest_kernel/vmlinux"
   printf 'export BERTH_ROOTFS=%q\n' "$rootfs"
+  printf 'export BERTH_ROOTFS_BASELINE=%q\n' "$rootfs_baseline"
   printf 'export BERTH_TEST_HOST_KERNEL=%q\n' "$test_host_kernel/vmlinux"
   printf 'export BERTH_RIG_RUN=%q\n' "$repo/tests/rig/run-in-rig.sh"
   printf 'export BERTH_RIG_MODE=%q\n' "$mode"
+  printf 'export BERTH_DOCKER_PLUGINS=%q\n' "$CACHE/docker-tools/cli-plugins"
+  printf 'export BERTH_DOCKER_REGISTRY=%q\n' "$registry"
 } > "$env_file.tmp"
 mv "$env_file.tmp" "$env_file"
 log "wrote $env_file (guests boot: $mode)"

@@ -17,6 +17,13 @@ berth_fresh_home() {
   export DOCKER_CONFIG=$BERTH_HOME/docker-config
   export BERTH_HOST_PROXY=$bin/berth-host-proxy
   rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME" "$DOCKER_CONFIG"
+  # The docker CLI finds compose and buildx (tests/setup.sh: cli/docker-tools.sh) in this config.
+  if [ -n "${BERTH_DOCKER_PLUGINS:-}" ]; then
+    mkdir -p "$DOCKER_CONFIG/cli-plugins"
+    for bin in "$BERTH_DOCKER_PLUGINS"/docker-*; do
+      ln -s "$bin" "$DOCKER_CONFIG/cli-plugins/"
+    done
+  fi
 }
 
 # check NAME COMMAND...: runs COMMAND, prints `ok NAME` or `FAIL NAME (exit N)` and its output
@@ -123,7 +130,8 @@ berth_as_user_prepare() {
   if [ -n "${BERTH_CACHE:-}" ] && ! berth_as_user test -r "$BERTH_VMM"; then
     berth_user_view "$BERTH_CACHE" || return 1
     view=$berth_user_view_path
-    for v in BERTH_VMM BERTH_AGENT BERTH_BOOT_TIMER BERTH_VSOCK_STRESS BERTH_NET_PROBE BERTH_KERNEL BERTH_ROOTFS; do
+    for v in BERTH_VMM BERTH_AGENT BERTH_BOOT_TIMER BERTH_VSOCK_STRESS BERTH_NET_PROBE BERTH_KERNEL BERTH_ROOTFS \
+      BERTH_DOCKER_PLUGINS BERTH_DOCKER_REGISTRY; do
       val=${!v:-}
       case "$val" in "$BERTH_CACHE"/*) export "$v=$view${val#"$BERTH_CACHE"}" ;; esac
     done
