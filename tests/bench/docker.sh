@@ -49,6 +49,42 @@ start_ms() {
   berth start --timeout 300 --no-docker-context >/dev/null
   echo $(($(ms) - t0))
 }
+# start_breakdown LABEL: a warm `berth start` with where its time goes, from the host's view
+# (the VMM process appearing, `berth start` returning once dockerd answers through the proxy)
+# and the guest's uptimes on the console (agent start, data disk mounted, containerd and dockerd
+# answering). The kernel's entry is put at the agent's console line minus the agent's uptime.
+# Prints one line; sets breakdown_total (ms).
+start_breakdown() {
+  local label=$1 log=$BERTH_HOME/logs/console.log t0 pid vmm_at="" agent_seen="" now line
+  rm -f "$log"
+  t0=$(ms)
+  berth start --timeout 300 --no-docker-context >/dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    now=$(ms)
+    [ -n "$vmm_at" ] || { pgrep -x berth-vmm >/dev/null && vmm_at=$now; }
+    [ -n "$agent_seen" ] || { grep -aq 'berth-agent: starting' "$log" 2>/dev/null && agent_seen=$now; }
+    sleep 0.02
+  done
+  wait "$pid" || { echo "bench: berth start ($label) failed" >&2; return 1; }
+  local api_at
+  api_at=$(ms)
+  uptime_ms() { grep -aoE "$1 uptime=[0-9.]+s" "$log" | tail -n 1 | grep -oE '[0-9.]+s$' | tr -d s | awk '{ printf "%d", $1 * 1000 }'; }
+  local agent data containerd dockerd kernel_at
+  agent=$(uptime_ms 'berth-agent: starting v[^ ]*')
+  data=$(uptime_ms 'berth-agent: ready')
+  containerd=$(uptime_ms 'containerd ready')
+  dockerd=$(uptime_ms 'dockerd ready')
+  for v in vmm_at agent_seen agent data containerd dockerd; do
+    [ -n "${!v}" ] || { echo "bench: berth start ($label): no '$v' mark (console: $log)" >&2; return 1; }
+  done
+  kernel_at=$((agent_seen - agent))
+  breakdown_total=$((api_at - t0))
+  echo "bench: berth start to docker-ready ($label): ${breakdown_total} ms = berth start → VMM running $((vmm_at - t0))" \
+    "→ kernel entry $((kernel_at - vmm_at)) → agent start ${agent} → data disk mounted $((data - agent))" \
+    "→ containerd ready $((containerd - data)) → dockerd ready $((dockerd - containerd))" \
+    "→ first API answer through the proxy $((api_at - kernel_at - dockerd)) (ms each; dockerd's ready mark is the agent's /_ping, whose polling interval is in it)"
+}
 drop_page_cache() {
   sync
   echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || { echo "bench: cannot drop the page cache (needs root)" >&2; return 1; }
@@ -65,6 +101,35 @@ cold=$(start_ms)
 berth stop >/dev/null
 warm=$(start_ms)
 echo "bench: berth start to docker-ready: first start (blank data disk) ${first} ms; cold page cache ${cold} ms; warm ${warm} ms; cold/warm $(ratio "$cold" "$warm")"
+berth stop >/dev/null
+start_breakdown "warm, $(basename "$BERTH_ROOTFS")"
+trixie_start=$breakdown_total
+
+# 1b. The same with the previous guest image (bookworm, dockerd 20.10), in a home of its own,
+# and both images' sizes.
+if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
+  berth stop >/dev/null
+  current=(BERTH_HOME="$BERTH_HOME" BERTH_CONFIG="$BERTH_CONFIG" BERTH_ROOTFS="$BERTH_ROOTFS")
+  export BERTH_HOME=$BERTH_HOME-bookworm BERTH_CONFIG=$BERTH_HOME-bookworm/config.toml BERTH_ROOTFS=$BERTH_ROOTFS_BASELINE
+  rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME"
+  berth config set memory_mib $memory_mib >/dev/null
+  berth config set cpus "$cpus" >/dev/null
+  berth config set disk_size_gib 8 >/dev/null
+  berth start --timeout 300 --no-docker-context >/dev/null # the first start formats the disk
+  berth stop >/dev/null
+  start_breakdown "warm, baseline $(basename "$BERTH_ROOTFS")"
+  bookworm_start=$breakdown_total
+  base_version=$(docker version --format '{{.Server.Version}}')
+  berth stop >/dev/null
+  rm -rf "$BERTH_HOME"
+  export "${current[@]}"
+  berth start --timeout 300 --no-docker-context >/dev/null
+  size() { du -m --apparent-size "$1" | cut -f1; }
+  used() { debugfs -R stats "$1" 2>/dev/null | awk -F: '/^Block count/ { c = $2 } /^Free blocks/ { f = $2 } /^Block size/ { b = $2 } END { printf "%d", (c - f) * b / 1048576 }'; }
+  echo "bench: guest image: $(docker version --format '{{.Server.Version}}') $(size "$BERTH_ROOTFS") MiB image, $(used "$BERTH_ROOTFS") MiB used;" \
+    "baseline $base_version $(size "$BERTH_ROOTFS_BASELINE") MiB image, $(used "$BERTH_ROOTFS_BASELINE") MiB used;" \
+    "warm berth start current/baseline $(ratio "$trixie_start" "$bookworm_start")"
+fi
 
 # An image made offline, and a large one (incompressible) for `docker save`.
 mkdir -p "$work/rootfs/bin"

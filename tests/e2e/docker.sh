@@ -8,7 +8,6 @@ set -uo pipefail
 # shellcheck source=tests/e2e/berth-home.sh
 . "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
 berth_fresh_home berth-e2e-home
-export DOCKER_BUILDKIT=0
 work=$(mktemp -d)
 
 

@@ -255,6 +255,12 @@ impl E2eRun {
             check.output
         );
     }
+
+    /// What check `name` printed; panics unless it ran and passed.
+    pub fn output_of(&self, name: &str) -> &str {
+        self.expect(name, "");
+        &self.checks[name].output
+    }
 }
 
 /// Runs the e2e script `tests/e2e/NAME` (`bash`, on the VM host) with `timeout`, and prints its
