@@ -3,8 +3,6 @@
 
 use crate::datadisk::DataState;
 
-const UPTIME: &str = "/proc/uptime";
-
 /// Formats the readiness line (without the `berth-agent: ` prefix the console adds).
 pub fn line(uptime_secs: f64, boot_count: u64, data: DataState) -> String {
     format!(
@@ -13,22 +11,18 @@ pub fn line(uptime_secs: f64, boot_count: u64, data: DataState) -> String {
     )
 }
 
-/// Seconds since boot from `/proc/uptime` text (`"12.34 56.78\n"`).
-pub fn parse_uptime(text: &str) -> Option<f64> {
-    text.split_whitespace()
-        .next()?
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-}
-
-/// Seconds since boot, or 0 if /proc/uptime cannot be read (the line must still be printed).
+/// Seconds since boot (`CLOCK_BOOTTIME`, what `/proc/uptime` shows; readable before /proc is
+/// mounted, which the agent's first line is), or 0 if the clock cannot be read.
 pub fn uptime() -> f64 {
-    std::fs::read_to_string(UPTIME)
-        .ok()
-        .as_deref()
-        .and_then(parse_uptime)
-        .unwrap_or(0.0)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 #[cfg(test)]
@@ -62,11 +56,19 @@ mod tests {
     }
 
     #[test]
-    fn uptime_parsing() {
-        assert_eq!(parse_uptime("1.23 4.56\n"), Some(1.23));
-        assert_eq!(parse_uptime("350735.47 234388.90"), Some(350735.47));
-        assert_eq!(parse_uptime(""), None);
-        assert_eq!(parse_uptime("abc 1.0"), None);
-        assert_eq!(parse_uptime("-1 0"), None);
+    fn uptime_is_the_boot_clock() {
+        let a = uptime();
+        let proc_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let b = uptime();
+        assert!(
+            a > 0.0 && a <= proc_uptime + 0.01 && proc_uptime <= b + 0.01,
+            "{a} {proc_uptime} {b}"
+        );
     }
 }

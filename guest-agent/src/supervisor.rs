@@ -128,6 +128,15 @@ impl Service {
         let mut backoff = Backoff::new(self.spec.first_backoff);
         if let Some(socket) = &self.spec.wait_for {
             self.wait_for_socket(socket);
+            // The boot benchmark's "containerd ready" mark.
+            if socket.exists() {
+                console::say(&format!(
+                    "{} found {} uptime={:.3}s",
+                    self.spec.name,
+                    socket.display(),
+                    readiness::uptime()
+                ));
+            }
         }
         loop {
             let started = Instant::now();

@@ -52,7 +52,8 @@ start_ms() {
 # start_breakdown LABEL: a warm `berth start` with where its time goes, from the host's view
 # (the VMM process appearing, `berth start` returning once dockerd answers through the proxy)
 # and the guest's uptimes on the console (agent start, data disk mounted, containerd and dockerd
-# answering). The kernel's entry is put at the agent's console line minus the agent's uptime.
+# answering: dockerd's supervisor finding containerd's socket, then dockerd's /_ping). The
+# kernel's entry is put at the agent's console line minus the agent's uptime.
 # Prints one line; sets breakdown_total (ms).
 start_breakdown() {
   local label=$1 log=$BERTH_HOME/logs/console.log t0 pid vmm_at="" agent_seen="" now line
@@ -73,7 +74,7 @@ start_breakdown() {
   local agent data containerd dockerd kernel_at
   agent=$(uptime_ms 'berth-agent: starting v[^ ]*')
   data=$(uptime_ms 'berth-agent: ready')
-  containerd=$(uptime_ms 'containerd ready')
+  containerd=$(uptime_ms 'dockerd found [^ ]*containerd.sock')
   dockerd=$(uptime_ms 'dockerd ready')
   for v in vmm_at agent_seen agent data containerd dockerd; do
     [ -n "${!v}" ] || { echo "bench: berth start ($label): no '$v' mark (console: $log)" >&2; return 1; }

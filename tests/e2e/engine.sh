@@ -178,7 +178,7 @@ check stop-vm berth stop
 check start-vm berth start --timeout 300
 check restarted-after-stop-start sh -c 'for i in $(seq 60); do r=$(docker ps --format "{{.Names}}" | sort | tr "\n" " "); [ "$r" = "always unless " ] && echo "running: $r" && exit 0; sleep 1; done; echo "running: $r"; exit 1'
 # Where the restarted VM's time went: the guest's own marks (agent, data disk, containerd, dockerd).
-check restart-timeline grep -aoE '(starting v[^ ]*|ready|containerd ready|dockerd ready) uptime=[0-9.]+s' "$BERTH_HOME/logs/console.log"
+check restart-timeline grep -aoE '(starting v[^ ]*|ready|dockerd found [^ ]+|dockerd ready) uptime=[0-9.]+s' "$BERTH_HOME/logs/console.log"
 check final-stop berth stop
 rm -rf "$work"
 berth_report_guest_reset e2e
