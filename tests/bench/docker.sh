@@ -110,8 +110,9 @@ trixie_start=$breakdown_total
 # and both images' sizes.
 if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   berth stop >/dev/null
-  current=(BERTH_HOME="$BERTH_HOME" BERTH_CONFIG="$BERTH_CONFIG" BERTH_ROOTFS="$BERTH_ROOTFS")
+  current=(BERTH_HOME="$BERTH_HOME" BERTH_CONFIG="$BERTH_CONFIG" BERTH_ROOTFS="$BERTH_ROOTFS" DOCKER_HOST="$DOCKER_HOST")
   export BERTH_HOME=$BERTH_HOME-bookworm BERTH_CONFIG=$BERTH_HOME-bookworm/config.toml BERTH_ROOTFS=$BERTH_ROOTFS_BASELINE
+  export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
   rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME"
   berth config set memory_mib $memory_mib >/dev/null
   berth config set cpus "$cpus" >/dev/null
