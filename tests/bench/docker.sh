@@ -25,10 +25,14 @@ bench_in_rig --timeout 900 -- "$here/docker.sh" "$@"
 berth_fresh_home berth-bench-home
 export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
 memory_mib=1024
-berth config set memory_mib $memory_mib >/dev/null
 cpus=$(berth_guest_cpus)
-berth config set cpus "$cpus" >/dev/null
-berth config set disk_size_gib 8 >/dev/null
+# The VM every measurement uses, in whichever home BERTH_CONFIG names.
+configure_vm() {
+  berth config set memory_mib $memory_mib >/dev/null
+  berth config set cpus "$cpus" >/dev/null
+  berth config set disk_size_gib 8 >/dev/null
+}
+configure_vm
 work=$(mktemp -d)
 # On a failure, what the VM, the proxy and dockerd said, so a broken run explains itself.
 diagnose() {
@@ -56,7 +60,7 @@ start_ms() {
 # kernel's entry is put at the agent's console line minus the agent's uptime.
 # Prints one line; sets breakdown_total (ms).
 start_breakdown() {
-  local label=$1 log=$BERTH_HOME/logs/console.log t0 pid vmm_at="" agent_seen="" now line
+  local label=$1 log=$BERTH_HOME/logs/console.log t0 pid vmm_at="" agent_seen="" now
   rm -f "$log"
   t0=$(ms)
   berth start --timeout 300 --no-docker-context >/dev/null &
@@ -111,12 +115,11 @@ trixie_start=$breakdown_total
 if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   berth stop >/dev/null
   current=(BERTH_HOME="$BERTH_HOME" BERTH_CONFIG="$BERTH_CONFIG" BERTH_ROOTFS="$BERTH_ROOTFS" DOCKER_HOST="$DOCKER_HOST")
-  export BERTH_HOME=$BERTH_HOME-bookworm BERTH_CONFIG=$BERTH_HOME-bookworm/config.toml BERTH_ROOTFS=$BERTH_ROOTFS_BASELINE
-  export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
+  baseline_home=$BERTH_HOME-bookworm
+  export BERTH_HOME=$baseline_home BERTH_CONFIG=$baseline_home/config.toml BERTH_ROOTFS=$BERTH_ROOTFS_BASELINE
+  export DOCKER_HOST=unix://$baseline_home/run/docker.sock
   rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME"
-  berth config set memory_mib $memory_mib >/dev/null
-  berth config set cpus "$cpus" >/dev/null
-  berth config set disk_size_gib 8 >/dev/null
+  configure_vm
   berth start --timeout 300 --no-docker-context >/dev/null # the first start formats the disk
   berth stop >/dev/null
   start_breakdown "warm, baseline $(basename "$BERTH_ROOTFS")"
