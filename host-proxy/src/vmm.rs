@@ -176,6 +176,35 @@ impl Exit {
     }
 }
 
+/// How long a VMM that is just starting may take to listen on its API socket: the socket's file
+/// exists from `bind`, connections are refused until `listen`.
+const API_LISTEN_GRACE: Duration = Duration::from_secs(1);
+
+/// Connects to the API socket, waiting up to [`API_LISTEN_GRACE`] for a VMM that is not listening
+/// yet (a stop asked for right after the start).
+async fn api_connect(socket: &Path) -> Result<UnixStream, Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && started.elapsed() < API_LISTEN_GRACE =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(source) => {
+                return Err(Error::ApiConnect {
+                    path: socket.into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 /// Sends one request on the VMM's API socket and reads its answer, within `timeout`.
 pub async fn api_request(
     socket: &Path,
@@ -183,13 +212,7 @@ pub async fn api_request(
     timeout: Duration,
 ) -> Result<VmmResponse, Error> {
     let exchange = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| Error::ApiConnect {
-                path: socket.into(),
-                source,
-            })?;
-        let mut stream = BufReader::new(stream);
+        let mut stream = BufReader::new(api_connect(socket).await?);
         let mut line = serde_json::to_vec(request).map_err(Error::ApiDecode)?;
         line.push(b'\n');
         stream
@@ -227,6 +250,50 @@ pub async fn api_stop(socket: &Path, timeout: Duration) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stop_asked_before_the_vmm_listens_waits_for_it() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmm.sock");
+        // Bound but not listening: what a starting VMM's socket is between bind and listen.
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        socket.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        assert_eq!(
+            std::os::unix::net::UnixStream::connect(&path)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        let vmm = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            socket.listen(1).unwrap();
+            let listener: std::os::unix::net::UnixListener = socket.into();
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line).unwrap();
+            assert_eq!(
+                serde_json::from_str::<VmmRequest>(&line).unwrap(),
+                VmmRequest::Stop
+            );
+            let mut answer = serde_json::to_vec(&VmmResponse::Ack).unwrap();
+            answer.push(b'\n');
+            std::io::Write::write_all(&mut &stream, &answer).unwrap();
+        });
+        api_stop(&path, Duration::from_secs(5)).await.unwrap();
+        vmm.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_an_error_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmm.sock");
+        let started = std::time::Instant::now();
+        let err = api_stop(&path, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, Error::ApiConnect { .. }), "{err:?}");
+        assert!(started.elapsed() >= API_LISTEN_GRACE);
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
 
     #[test]
     fn the_root_image_is_read_only_first_and_the_data_disk_has_its_serial() {
