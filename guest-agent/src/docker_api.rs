@@ -44,6 +44,31 @@ pub fn get_json(socket: &Path, target: &str) -> Result<serde_json::Value, Error>
     serde_json::from_slice(&body).map_err(|e| Error::Json(target.to_owned(), e))
 }
 
+/// The `Swarm` header of dockerd's `GET /_ping` (`inactive`, `active/worker`, `active/manager`,
+/// ...), or `None` from a dockerd that does not send it. Cheap, and unlike a request only a
+/// manager may make it leaves no error in dockerd's log.
+pub fn swarm_status(socket: &Path) -> Result<Option<String>, Error> {
+    let mut stream = request(socket, "/_ping", Some(REQUEST_TIMEOUT))?;
+    let mut raw = Vec::new();
+    (&mut stream)
+        .take(64 * 1024)
+        .read_to_end(&mut raw)
+        .map_err(Error::Read)?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or(Error::Malformed("no end of headers"))?;
+    parse_head(&raw[..end + 4])?;
+    let head =
+        std::str::from_utf8(&raw[..end]).map_err(|_| Error::Malformed("headers are not text"))?;
+    Ok(head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("swarm")
+            .then(|| value.trim().to_owned())
+    }))
+}
+
 /// Follows the event stream at `target` for ever, kicking a refresh on every event and on every
 /// (re)connection, since things may have come and gone while dockerd was away. Returns when
 /// `kick`'s receiver is gone.
@@ -244,6 +269,34 @@ pub mod tests {
             String::from_utf8(head).unwrap()
         });
         (socket, server)
+    }
+
+    #[test]
+    fn the_swarm_status_is_the_ping_header() {
+        for (status, expected) in [
+            (
+                "200 OK\r\nApi-Version: 1.45\r\nSwarm: active/manager",
+                Some("active/manager"),
+            ),
+            ("200 OK\r\nswarm:inactive", Some("inactive")),
+            ("200 OK\r\nApi-Version: 1.41", None),
+        ] {
+            let (socket, server) = serve_once("swarm-status", status, "OK".into());
+            assert_eq!(
+                swarm_status(&socket).unwrap().as_deref(),
+                expected,
+                "{status}"
+            );
+            assert!(server
+                .join()
+                .unwrap()
+                .starts_with("GET /_ping HTTP/1.1\r\n"));
+            std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
+        }
+        let (socket, server) = serve_once("swarm-status", "500 Internal Server Error", "".into());
+        assert!(matches!(swarm_status(&socket), Err(Error::Status(500))));
+        server.join().unwrap();
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
     }
 
     #[test]

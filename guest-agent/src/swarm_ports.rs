@@ -8,7 +8,7 @@
 //! belong to a task's container and go through the userland proxy like `docker run -p`.
 //!
 //! dockerd says nothing when a node leaves the swarm (its services vanish without an event), so
-//! the list is also read again every `REFRESH`; outside a swarm that is one 503 answer.
+//! the list is also read again every `REFRESH`; outside a swarm that is one `/_ping`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -73,8 +73,13 @@ pub fn mesh_ports(services: &serde_json::Value) -> BTreeSet<MeshPort> {
         .collect()
 }
 
-/// The services' ports, or none when this node is not a swarm manager (dockerd answers 503).
+/// The services' ports, or none when this node is not a swarm manager: `/_ping`'s `Swarm` header
+/// says so without the error a `/services` refused with 503 leaves in dockerd's log every
+/// `REFRESH`; a dockerd without the header is asked for the list.
 fn list(socket: &Path) -> Result<BTreeSet<MeshPort>, Error> {
+    if docker_api::swarm_status(socket)?.is_some_and(|status| status != "active/manager") {
+        return Ok(BTreeSet::new());
+    }
     match docker_api::get_json(socket, LIST_TARGET) {
         Ok(services) => Ok(mesh_ports(&services)),
         Err(Error::Status(503)) => Ok(BTreeSet::new()),
@@ -182,13 +187,49 @@ mod tests {
     }
 
     #[test]
-    fn a_node_outside_a_swarm_publishes_nothing() {
-        let body = r#"{"message":"This node is not a swarm manager."}"#;
+    fn a_node_outside_a_swarm_publishes_nothing_and_is_not_asked_for_services() {
         let (socket, server) =
-            crate::docker_api::tests::serve_once("swarm", "503 Service Unavailable", body.into());
+            crate::docker_api::tests::serve_once("swarm", "200 OK\r\nSwarm: inactive", "OK".into());
         assert!(list(&socket).unwrap().is_empty());
         let head = server.join().unwrap();
-        assert!(head.starts_with("GET /services HTTP/1.1\r\n"), "{head}");
+        assert!(head.starts_with("GET /_ping HTTP/1.1\r\n"), "{head}");
         std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
+    }
+
+    /// A dockerd whose `/_ping` has no `Swarm` header is asked for the list; its 503 is no swarm.
+    #[test]
+    fn without_the_ping_header_the_list_is_asked_for() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("berth-swarm-old-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for reply in [
+                "HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nContent-Length: 2\r\n\r\nOK",
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}",
+            ] {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    conn.read_exact(&mut byte).unwrap();
+                    head.push(byte[0]);
+                }
+                conn.write_all(reply.as_bytes()).unwrap();
+                heads.push(String::from_utf8(head).unwrap());
+            }
+            heads
+        });
+        assert!(list(&socket).unwrap().is_empty());
+        let heads = server.join().unwrap();
+        assert!(heads[0].starts_with("GET /_ping HTTP/1.1\r\n"), "{heads:?}");
+        assert!(
+            heads[1].starts_with("GET /services HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
