@@ -23,6 +23,7 @@ export BERTH_RETRY_LOG
 finish() {
   local status=$?
   set +e
+  [ -n "${fuzz_build:-}" ] && kill -- "-$fuzz_build" 2>/dev/null
   berth_retry_summary run-tests "$BERTH_RETRY_LOG"
   rm -f "$BERTH_RETRY_LOG"
   exit "$status"
@@ -35,6 +36,13 @@ t0=$SECONDS
 t_setup=$((SECONDS - t0))
 echo "run-tests: setup ${t_setup} s; guests boot $BERTH_RIG_MODE"
 
+# The fuzz targets (a nightly build with sanitizers, minutes when cold) build in the background
+# at the lowest priority while the tests run: the rig leaves part of a core idle. The fuzz run
+# below waits for it.
+fuzz_build_log=$(mktemp)
+setsid nice -n 19 "$repo/vmm/fuzz/run.sh" --build > "$fuzz_build_log" 2>&1 &
+fuzz_build=$!
+
 t1=$SECONDS
 (cd "$repo" && cargo test --workspace --release "$@")
 t_test=$((SECONDS - t1))
@@ -42,6 +50,16 @@ t_test=$((SECONDS - t1))
 # The guest-facing parsers of the net and fs devices, fuzzed briefly (longer by hand:
 # vmm/fuzz/run.sh SECONDS).
 t_f=$SECONDS
+fuzz_status=0
+wait "$fuzz_build" || fuzz_status=$?
+fuzz_build=
+if [ "$fuzz_status" != 0 ]; then
+  tail -n 60 "$fuzz_build_log" >&2
+  echo "run-tests: building the fuzz targets failed (status $fuzz_status)" >&2
+  exit 1
+fi
+rm -f "$fuzz_build_log"
+echo "run-tests: fuzz targets built in the background; waited $((SECONDS - t_f)) s for them"
 "$repo/vmm/fuzz/run.sh" "${BERTH_FUZZ_SECONDS:-30}"
 t_fuzz=$((SECONDS - t_f))
 

@@ -2,12 +2,15 @@
 # Docker benchmarks, each figure beside a baseline measured in the same run (no pass/fail on the
 # figures; the script fails only when what it measures stops working, and then shows the logs):
 #   - `berth start` to docker-ready: the first start (blank data disk: mkfs, dockerd's first
-#     init), then with the VM host's page cache dropped (cold), then again (warm);
+#     init), then with the VM host's page cache dropped (cold), then again (warm) with where its
+#     time goes; the same with the previous guest image (BERTH_ROOTFS_BASELINE) and both sizes;
 #   - `docker run --rm IMAGE true`: through the host proxy, and the docker CLI inside the guest;
 #   - API socket throughput: `docker save` of a ~64 MiB image (BERTH_BENCH_SAVE_MIB) through the
 #     proxy, and inside the guest;
 #   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
 #     says it uses and the memory it was given.
+#   - `docker build` of a multi-stage Dockerfile, cold and warm: through the proxy, and with the
+#     docker CLI (and the same buildx) inside the guest.
 # Runs on the VM host: directly with hardware KVM, else inside the nested rig.
 #
 #   tests/bench/docker.sh [RUNS]      (default 5; runs of `docker run`)
@@ -65,7 +68,8 @@ start_breakdown() {
   t0=$(ms)
   berth start --timeout 300 --no-docker-context >/dev/null &
   pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
+  # Until both marks are seen; then only the wait, so the polling does not slow what it times.
+  while { [ -z "$vmm_at" ] || [ -z "$agent_seen" ]; } && kill -0 "$pid" 2>/dev/null; do
     now=$(ms)
     [ -n "$vmm_at" ] || { pgrep -x berth-vmm >/dev/null && vmm_at=$now; }
     [ -n "$agent_seen" ] || { grep -aq 'berth-agent: starting' "$log" 2>/dev/null && agent_seen=$now; }
@@ -98,29 +102,16 @@ where="directly on hardware KVM"
 [ "${BERTH_IN_RIG:-0}" = 1 ] && where="in the nested rig (the VM host is the emulated test host: absolute figures are far above hardware, ratios matter)"
 echo "bench: docker benchmarks, $where; guest ${memory_mib} MiB, $cpus vCPU(s)"
 
-# 1. berth start: first (blank data disk), cold page cache, warm.
-first=$(start_ms)
-berth stop >/dev/null
-drop_page_cache
-cold=$(start_ms)
-berth stop >/dev/null
-warm=$(start_ms)
-echo "bench: berth start to docker-ready: first start (blank data disk) ${first} ms; cold page cache ${cold} ms; warm ${warm} ms; cold/warm $(ratio "$cold" "$warm")"
-berth stop >/dev/null
-start_breakdown "warm, $(basename "$BERTH_ROOTFS")"
-trixie_start=$breakdown_total
-
-# 1b. The same with the previous guest image (bookworm, dockerd 20.10), in a home of its own,
-# and both images' sizes.
+# 1. The previous guest image first (bookworm, dockerd 20.10), in a home of its own: its first
+# start (which formats the data disk), then a warm start with the breakdown.
 if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
-  berth stop >/dev/null
   current=(BERTH_HOME="$BERTH_HOME" BERTH_CONFIG="$BERTH_CONFIG" BERTH_ROOTFS="$BERTH_ROOTFS" DOCKER_HOST="$DOCKER_HOST")
   baseline_home=$BERTH_HOME-bookworm
   export BERTH_HOME=$baseline_home BERTH_CONFIG=$baseline_home/config.toml BERTH_ROOTFS=$BERTH_ROOTFS_BASELINE
   export DOCKER_HOST=unix://$baseline_home/run/docker.sock
   rm -rf "$BERTH_HOME" && mkdir -p "$BERTH_HOME"
   configure_vm
-  berth start --timeout 300 --no-docker-context >/dev/null # the first start formats the disk
+  base_first=$(start_ms)
   berth stop >/dev/null
   start_breakdown "warm, baseline $(basename "$BERTH_ROOTFS")"
   bookworm_start=$breakdown_total
@@ -128,12 +119,23 @@ if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   berth stop >/dev/null
   rm -rf "$BERTH_HOME"
   export "${current[@]}"
-  berth start --timeout 300 --no-docker-context >/dev/null
+fi
+
+# 2. The current image: first start (blank data disk), cold page cache, warm with the breakdown.
+first=$(start_ms)
+berth stop >/dev/null
+drop_page_cache
+cold=$(start_ms)
+berth stop >/dev/null
+start_breakdown "warm, $(basename "$BERTH_ROOTFS")"
+warm=$breakdown_total
+echo "bench: berth start to docker-ready: first start (blank data disk) ${first} ms; cold page cache ${cold} ms; warm ${warm} ms; cold/warm $(ratio "$cold" "$warm")"
+if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   size() { du -m --apparent-size "$1" | cut -f1; }
   used() { debugfs -R stats "$1" 2>/dev/null | awk -F: '/^Block count/ { c = $2 } /^Free blocks/ { f = $2 } /^Block size/ { b = $2 } END { printf "%d", (c - f) * b / 1048576 }'; }
   echo "bench: guest image: $(docker version --format '{{.Server.Version}}') $(size "$BERTH_ROOTFS") MiB image, $(used "$BERTH_ROOTFS") MiB used;" \
     "baseline $base_version $(size "$BERTH_ROOTFS_BASELINE") MiB image, $(used "$BERTH_ROOTFS_BASELINE") MiB used;" \
-    "warm berth start current/baseline $(ratio "$trixie_start" "$bookworm_start")"
+    "first start current/baseline $(ratio "$first" "$base_first"); warm start current/baseline $(ratio "$warm" "$bookworm_start")"
 fi
 
 # An image made offline, and a large one (incompressible) for `docker save`.
@@ -145,7 +147,7 @@ head -c $((${BERTH_BENCH_SAVE_MIB:-64} << 20)) /dev/urandom > "$work/rootfs/blob
 tar -C "$work/rootfs" -c . | docker import - bench/large >/dev/null
 rm -f "$work/rootfs/blob"
 
-# 2. docker run --rm true, through the proxy and with the docker CLI inside the guest.
+# 3. docker run --rm true, through the proxy and with the docker CLI inside the guest.
 docker run --rm bench/busybox true # warm-up: the first run loads what later runs find cached
 proxy_runs=$(for _ in $(seq "$runs"); do t0=$(ms); docker run --rm bench/busybox true; echo $(($(ms) - t0)); done)
 # `berth shell` has no exit status: the guest prints a number per successful run, and all of
@@ -157,7 +159,7 @@ guest_run=$(printf '%s\n' "$guest_runs" | median)
 echo "bench: docker run --rm true, median of $runs: through the proxy ${proxy_run} ms, docker CLI inside the guest ${guest_run} ms, proxy/guest $(ratio "$proxy_run" "$guest_run")" \
   "(each: proxy $(echo $proxy_runs), guest $(echo $guest_runs))"
 
-# 3. docker save throughput: through the proxy, and inside the guest.
+# 4. docker save throughput: through the proxy, and inside the guest.
 t0=$(ms); bytes=$(docker save bench/large | wc -c); proxy_save=$(($(ms) - t0))
 guest_out=$(berth shell -- sh -c 't0=$(date +%s%3N); n=$(docker save bench/large | wc -c) && echo "saved $n $(($(date +%s%3N) - t0))"' | tr -d '\r')
 read -r _ guest_bytes guest_save <<< "$(printf '%s\n' "$guest_out" | grep '^saved ' | tail -n 1)"
@@ -165,7 +167,7 @@ read -r _ guest_bytes guest_save <<< "$(printf '%s\n' "$guest_out" | grep '^save
 mibps() { awk -v b="$bytes" -v t="$1" 'BEGIN { printf "%.1f", b / 1048576 / (t / 1000) }'; }
 echo "bench: docker save of $((bytes >> 20)) MiB: through the proxy $(mibps "$proxy_save") MiB/s (${proxy_save} ms), inside the guest $(mibps "$guest_save") MiB/s (${guest_save} ms), proxy/guest throughput $(ratio "$guest_save" "$proxy_save")"
 
-# 4. Host memory once idle, beside what the guest says it uses.
+# 5. Host memory once idle, beside what the guest says it uses.
 sleep 10
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 vmm_kib=0 proxy_kib=0
@@ -177,3 +179,38 @@ guest_used_kib=$(berth status --json | awk -F: '/"mem_total_kib"/ { t = $2 + 0 }
 total_kib=$((vmm_kib + proxy_kib))
 echo "bench: host RSS of Berth once idle: $((total_kib >> 10)) MiB (berth-vmm $((vmm_kib >> 10)) MiB, berth-host-proxy $((proxy_kib >> 10)) MiB);" \
   "the guest uses $((guest_used_kib >> 10)) MiB of its ${memory_mib} MiB (MemTotal - MemAvailable); host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+
+# 6. docker build of a multi-stage Dockerfile (BuildKit), cold (the build cache pruned) and warm
+# (the same build again), through the proxy and with the docker CLI inside the guest. The guest's
+# CLI gets the same buildx plugin, copied in through the default share of the temp directory, and
+# builds a copy of the context on the guest's own disk.
+[ -n "${BERTH_DOCKER_PLUGINS:-}" ] || { echo "bench: BERTH_DOCKER_PLUGINS is not set (tests/setup.sh installs buildx)" >&2; exit 1; }
+bctx=$work/build
+mkdir -p "$bctx/src"
+for i in $(seq 64); do head -c $(((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20) / 64)) /dev/urandom > "$bctx/src/f$i"; done
+cat > "$bctx/Dockerfile" <<'DOCKERFILE'
+FROM bench/busybox AS deps
+RUN i=0; while [ $i -lt 200 ]; do echo "dep $i" > /dep-$i; i=$((i + 1)); done; cat /dep-* | wc -l > /deps
+FROM bench/busybox AS build
+COPY --from=deps /deps /deps
+COPY src /src
+RUN cat /src/* | wc -c > /size && cat /deps /size > /out
+FROM bench/busybox
+COPY --from=build /out /out
+CMD ["cat", "/out"]
+DOCKERFILE
+cp "$BERTH_DOCKER_PLUGINS/docker-buildx" "$work/docker-buildx"
+prune() { docker builder prune -af >/dev/null && { docker rmi bench/built >/dev/null 2>&1 || true; }; }
+proxy_build() { local t0; t0=$(ms); docker build -q -t bench/built "$bctx" >/dev/null; echo $(($(ms) - t0)); }
+prune
+proxy_cold=$(proxy_build)
+proxy_warm=$(proxy_build)
+[ "$(docker run --rm bench/built | tail -n 1)" = "$((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20))" ] || { echo "bench: the built image does not hold the context's size" >&2; exit 1; }
+prune
+guest_out=$(berth shell -- sh -c "set -e; rm -rf /tmp/bctx /tmp/bdc; cp -r '$bctx' /tmp/bctx; mkdir -p /tmp/bdc/cli-plugins; cp '$work/docker-buildx' /tmp/bdc/cli-plugins/; export DOCKER_CONFIG=/tmp/bdc
+  for run in cold warm; do t0=\$(date +%s%3N); docker build -q -t bench/built /tmp/bctx >/dev/null; echo \"built \$run \$((\$(date +%s%3N) - t0))\"; done; rm -rf /tmp/bctx /tmp/bdc" | tr -d '\r')
+guest_cold=$(printf '%s\n' "$guest_out" | awk '/^built cold / { print $3 }')
+guest_warm=$(printf '%s\n' "$guest_out" | awk '/^built warm / { print $3 }')
+[ -n "$guest_cold" ] && [ -n "$guest_warm" ] || { echo "bench: docker build inside the guest failed: '$guest_out'" >&2; exit 1; }
+echo "bench: docker build (multi-stage, $((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8})) MiB context): cold through the proxy ${proxy_cold} ms, inside the guest ${guest_cold} ms, proxy/guest $(ratio "$proxy_cold" "$guest_cold");" \
+  "warm through the proxy ${proxy_warm} ms, inside the guest ${guest_warm} ms, proxy/guest $(ratio "$proxy_warm" "$guest_warm")"

@@ -57,18 +57,22 @@ echo do-not-send > "$ctx/secret.txt"
 echo do-not-send > "$ctx/ignored/file"
 printf 'secret.txt\nignored/\n' > "$ctx/.dockerignore"
 cat > "$ctx/Dockerfile" <<'DOCKERFILE'
+# The whole context, read through a bind mount of it (no layer keeps 200 MiB); a stage of its
+# own, so a change of build arg below does not redo it.
+FROM berth-test/busybox AS context
+RUN --mount=type=bind,target=/ctx ls -A /ctx > /ctx-list && sha256sum /ctx/big.bin | cut -c1-64 > /big.sum
+
 FROM berth-test/busybox AS build
 ARG GREETING=unset
 ARG BUST=1
 # A cache mount keeps its contents from one build to the next.
 RUN --mount=type=cache,target=/cache sh -c 'n=$(cat /cache/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > /cache/n; echo "bust $BUST run $n" > /cache-runs'
-COPY . /ctx/
-RUN ls -A /ctx > /ctx-list && sha256sum /ctx/big.bin | cut -c1-64 > /big.sum && rm -rf /ctx
 RUN echo "$GREETING" > /greeting
 
 FROM scratch
 COPY --from=build /bin/busybox /bin/busybox
-COPY --from=build /greeting /big.sum /ctx-list /cache-runs /
+COPY --from=context /big.sum /ctx-list /
+COPY --from=build /greeting /cache-runs /
 CMD ["/bin/busybox", "cat", "/greeting", "/big.sum", "/ctx-list", "/cache-runs"]
 DOCKERFILE
 check build-cold docker build --progress=plain --build-arg GREETING=hello-buildkit -t berth-test/buildkit "$ctx"
@@ -146,9 +150,9 @@ tree_with "$cli" "$(command -v docker)"
 check socket-image sh -c "tar -C '$cli' -c . | docker import - berth-test/docker-cli"
 
 # --- Restart policies, then limits, an OOM kill, interfaces ------------------------------------
-check restart-always docker run -d --name always --restart=always berth-test/busybox sleep 100000
-check restart-unless-stopped docker run -d --name unless --restart=unless-stopped berth-test/busybox sleep 100000
-check restart-no docker run -d --name never berth-test/busybox sleep 100000
+check restart-always docker run -d --init --name always --restart=always berth-test/busybox sleep 100000
+check restart-unless-stopped docker run -d --init --name unless --restart=unless-stopped berth-test/busybox sleep 100000
+check restart-no docker run -d --init --name never berth-test/busybox sleep 100000
 check socket-in-container docker run --rm -v /var/run/docker.sock:/var/run/docker.sock berth-test/docker-cli \
   "$(command -v docker)" ps --format '{{.Names}}'
 check limits docker run --rm -m 64m --cpus 0.5 berth-test/busybox cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max

@@ -6,7 +6,11 @@
 # $CACHE/fuzz/corpus/TARGET, so repeated runs (CI's) start warm.
 #
 #   vmm/fuzz/run.sh [SECONDS]
+#   vmm/fuzz/run.sh --build       (builds every target, runs none: tests/run-tests.sh does this
+#                                  in the background while the tests run)
 set -euo pipefail
+build_only=0
+[ "${1:-}" = --build ] && { build_only=1; shift; }
 seconds="${1:-60}"
 cd "$(dirname "$0")"
 CACHE=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
@@ -14,6 +18,11 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 rustup toolchain list 2>/dev/null | grep -q '^nightly' \
   || { echo "fuzz: the nightly toolchain is missing (rustup toolchain install nightly)" >&2; exit 1; }
 mkdir -p "$CACHE/fuzz/target"
+if [ "$build_only" = 1 ]; then
+  cargo +nightly fuzz build --target-dir "$CACHE/fuzz/target"
+  echo "fuzz: built $(cargo +nightly fuzz list | tr '\n' ' ')"
+  exit 0
+fi
 for target in $(cargo +nightly fuzz list); do
     corpus=$CACHE/fuzz/corpus/$target
     mkdir -p "$corpus"
