@@ -9,6 +9,7 @@
 
 mod bind_watch;
 mod bootcount;
+mod cgroups;
 mod children;
 mod config;
 mod console;

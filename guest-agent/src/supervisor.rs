@@ -14,15 +14,17 @@ use berth_protocol::Event;
 use crate::children::{self, ExitWatch};
 use crate::events::Bus;
 use crate::logfile::{self, RotatingLog};
-use crate::{console, daemons, readiness};
+use crate::{cgroups, console, daemons, readiness};
 
 /// First restart delay; it doubles per quick failure up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A run at least this long resets the delay to `FIRST_BACKOFF`.
 const RESET_AFTER: Duration = Duration::from_secs(60);
-/// How long dockerd waits for containerd's socket before its first start.
-const DEPENDENCY_WAIT: Duration = Duration::from_secs(10);
+/// How long dockerd waits for containerd's socket before its first start. dockerd can do nothing
+/// without containerd; containerd took 11 s to serve in the nested rig, after which a 10 s wait
+/// started dockerd early, to dial containerd on its own, and lost the boot breakdown's mark.
+const DEPENDENCY_WAIT: Duration = Duration::from_secs(60);
 const READY_POLL: Duration = Duration::from_millis(200);
 
 /// Errors of this module; each names the operation that failed.
@@ -75,6 +77,8 @@ pub struct Spec {
     /// A dockerd socket to `/_ping` after each start, announcing when it answers.
     pub ping: Option<PathBuf>,
     pub first_backoff: Duration,
+    /// The `cgroup.procs` the daemon joins before it execs (`cgroups::daemon_group`).
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +140,12 @@ impl Service {
                     socket.display(),
                     readiness::uptime()
                 ));
+            } else if !self.state().stopping {
+                console::warn(&format!(
+                    "{} did not find {} within {DEPENDENCY_WAIT:?}; starting it anyway",
+                    self.spec.name,
+                    socket.display()
+                ));
             }
         }
         loop {
@@ -186,6 +196,9 @@ impl Service {
             .stdin(Stdio::null())
             .stdout(Stdio::from(write))
             .stderr(Stdio::from(write_err));
+        if let Some(procs) = &self.spec.cgroup {
+            join_cgroup_before_exec(&mut cmd, procs);
+        }
         let spawned = children::spawn(&mut cmd)?;
         // Our copies of the pipe's write end go with `cmd`, so the pump sees the daemon's EOF.
         drop(cmd);
@@ -318,11 +331,52 @@ pub struct Supervisor {
     pub dockerd: Arc<Service>,
 }
 
+/// Makes the child write itself (`0`) into `procs` between fork and exec, so the daemon and all
+/// it starts live in that group from their first instruction. A failed write leaves the child
+/// where it was (the root group): the daemon still runs.
+fn join_cgroup_before_exec(cmd: &mut Command, procs: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let Ok(path) = std::ffi::CString::new(procs.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: between fork and exec the closure only makes the async-signal-safe calls
+    // open, write and close, on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Supervisor {
     /// Writes the daemons' configuration and starts containerd, then dockerd (which waits for
     /// containerd's socket); both publish their exits and readiness on `events`.
     pub fn start(run_dir: &Path, log_dir: &Path, events: &Arc<Bus>) -> Result<Supervisor, Error> {
         daemons::write_config(run_dir, log_dir)?;
+        let cgroup = match cgroups::daemon_group(Path::new(cgroups::ROOT)) {
+            Ok((procs, refused)) => {
+                if !refused.is_empty() {
+                    console::warn(&format!(
+                        "cgroups: the root group kept these controllers to itself: {}",
+                        refused.join(" ")
+                    ));
+                }
+                Some(procs)
+            }
+            Err(e) => {
+                console::warn(&format!(
+                    "cgroups: the daemons run in the root group: {}",
+                    console::chain(&e)
+                ));
+                None
+            }
+        };
         let containerd = Service::start(
             Spec {
                 name: "containerd",
@@ -332,6 +386,7 @@ impl Supervisor {
                 wait_for: None,
                 ping: None,
                 first_backoff: FIRST_BACKOFF,
+                cgroup: cgroup.clone(),
             },
             Arc::clone(events),
         )?;
@@ -344,6 +399,7 @@ impl Supervisor {
                 wait_for: Some(daemons::CONTAINERD_SOCKET.into()),
                 ping: Some(daemons::DOCKER_SOCKET.into()),
                 first_backoff: FIRST_BACKOFF,
+                cgroup,
             },
             Arc::clone(events),
         )?;
@@ -400,6 +456,7 @@ mod tests {
             wait_for: None,
             ping: None,
             first_backoff: Duration::from_millis(20),
+            cgroup: None,
         }
     }
 
@@ -449,6 +506,34 @@ mod tests {
         // SAFETY: probing with signal 0 only checks existence.
         assert_ne!(unsafe { libc::kill(second, 0) }, 0, "daemon still alive");
         let _ = std::fs::remove_file(log);
+    }
+
+    /// A regular file stands in for `cgroup.procs`: the child writes `0` (itself) before its exec.
+    #[test]
+    fn a_daemon_writes_itself_into_its_cgroup_before_it_runs() {
+        children::start_test_reaper();
+        let dir = std::env::temp_dir().join(format!("berth-agent-sup-cg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, "").unwrap();
+        let mut spec = test_spec(
+            "grouped",
+            "cat \"$0\"; echo; exec sleep 30",
+            &dir.join("log"),
+        );
+        spec.args.push(procs.to_str().unwrap().into());
+        spec.cgroup = Some(procs.clone());
+        let service = Service::start(spec, bus()).unwrap();
+        // The daemon itself reads back what was written before it ran.
+        wait_until("output", || {
+            std::fs::read_to_string(dir.join("log"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l == "0")
+        });
+        assert!(service.stop(Duration::from_secs(2), || {}));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

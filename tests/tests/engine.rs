@@ -26,10 +26,7 @@ fn buildkit_compose_registry_swarm_and_restart_policies_work_like_native_docker(
     expect("run-built", "bust 1 run 1");
     expect("run-built", "Dockerfile");
     expect("run-built", "big.bin");
-    expect(
-        "history",
-        "COPY /greeting /cache-runs / # buildkit",
-    );
+    expect("history", "COPY /greeting /cache-runs / # buildkit");
     expect("history", "CMD [\"/bin/busybox\"");
     expect("build-warm", "cached steps: ");
     // The cache mount kept its count: the step ran a second time and saw the first run's file.
@@ -65,7 +62,10 @@ fn buildkit_compose_registry_swarm_and_restart_policies_work_like_native_docker(
     expect("socket-in-container", "unless");
     expect("socket-in-container", "never");
     // Limits and an OOM kill.
-    expect("limits", "67108864\n50000 100000");
+    // dockerd in the agent's cgroup for the daemons, so it honours --memory-swap (96m = 64m + 32m
+    // of swap) and does not warn that swap limits are unsupported.
+    expect("daemons-cgroup", "dockerd 0::/berth-daemons");
+    expect("limits", "67108864\n50000 100000\n33554432");
     expect("oom-killed", "exit 137");
     expect("oom-killed", "oomkilled true");
     // Only the loopback device in a container without a network.
