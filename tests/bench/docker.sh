@@ -121,6 +121,9 @@ if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   export "${current[@]}"
 fi
 
+[ -n "${BERTH_ROOTFS_BASELINE:-}" ] ||
+  echo "bench: no baseline image (bookworm, dockerd 20.10): BERTH_BENCH_BASELINE=1 tests/setup.sh builds it, then this benchmark compares"
+
 # 2. The current image: first start (blank data disk), cold page cache, warm with the breakdown.
 first=$(start_ms)
 berth stop >/dev/null

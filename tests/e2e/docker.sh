@@ -60,14 +60,6 @@ DOCKERFILE
 check build docker build -q -t berth-test/scratch "$work/build"
 check run-built docker run --rm berth-test/scratch
 
-# A volume's data survives berth stop and berth start.
-token=persisted-$RANDOM-$RANDOM
-check volume-create docker volume create berth-test-volume
-check volume-write docker run --rm -v berth-test-volume:/data berth-test/busybox sh -c "echo $token > /data/token && cat /data/token"
-check stop-vm berth stop
-check status-stopped berth status
-check restart-vm berth start --timeout 300 --no-docker-context
-check volume-read sh -c "docker run --rm -v berth-test-volume:/data berth-test/busybox cat /data/token | grep -x $token"
 check status-json berth status --json
 check status-json-running sh -c 'berth status --json | jq -e ".state == \"running\" and .guest.protocol_version == .guest.host_protocol_version and .api_version == 1"'
 

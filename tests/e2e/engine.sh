@@ -3,8 +3,9 @@
 # compose and buildx plugins, against one Berth VM started once — BuildKit builds through the
 # proxy, compose v2, a private registry, swarm's stack deploy, restart policies across `berth
 # restart` and `berth stop` + `berth start`, memory and CPU limits, an OOM kill, the engine's
-# socket inside a container, and a `--network none` container's interfaces. Each check prints
-# `ok NAME` or `FAIL NAME`; tests/tests/engine.rs reads them. Images are made offline.
+# socket inside a container, a `--network none` container's interfaces, and a volume across the
+# stop and start. Each check prints `ok NAME` or `FAIL NAME`; tests/tests/engine.rs reads them.
+# Images are made offline.
 set -uo pipefail
 
 # shellcheck source=tests/e2e/berth-home.sh
@@ -192,8 +193,14 @@ restart_policies_held() {
 }
 check berth-restart berth restart --timeout 300
 check restarted-after-restart restart_policies_held
+# A volume's data survives berth stop and berth start.
+token=persisted-$RANDOM-$RANDOM
+check volume-create docker volume create berth-test-volume
+check volume-write docker run --rm -v berth-test-volume:/data berth-test/busybox sh -c "echo $token > /data/token && cat /data/token"
 check stop-vm berth stop
+check status-stopped berth status
 check start-vm berth start --timeout 300
+check volume-read sh -c "docker run --rm -v berth-test-volume:/data berth-test/busybox cat /data/token | grep -x $token"
 check restarted-after-stop-start restart_policies_held
 # Where the restarted VM's time went: the guest's own marks (agent, data disk, containerd, dockerd).
 check restart-timeline grep -aoE '(starting v[^ ]*|ready|dockerd found [^ ]+|dockerd ready) uptime=[0-9.]+s' "$BERTH_HOME/logs/console.log"

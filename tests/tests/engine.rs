@@ -79,6 +79,10 @@ fn buildkit_compose_registry_swarm_and_restart_policies_work_like_native_docker(
     expect("swarm-leave", "Node left the swarm.");
     // Restart policies: `always` and `unless-stopped` come back, a container without one not.
     expect("restarted-after-restart", "running: always unless ");
+    // A volume's data survives berth stop and berth start.
+    expect("volume-write", "persisted-");
+    expect("status-stopped", "not running");
+    expect("volume-read", "persisted-");
     expect("restarted-after-stop-start", "running: always unless ");
     for step in [
         "config",
@@ -94,6 +98,7 @@ fn buildkit_compose_registry_swarm_and_restart_policies_work_like_native_docker(
         "berth-restart",
         "stop-vm",
         "start-vm",
+        "volume-create",
         "restart-timeline",
         "final-stop",
     ] {
