@@ -248,25 +248,42 @@ pub mod tests {
         status: &'static str,
         body: String,
     ) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
+        let reply = format!(
+            "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        let (socket, server) = serve(name, vec![reply]);
+        (
+            socket,
+            std::thread::spawn(move || server.join().unwrap().remove(0)),
+        )
+    }
+
+    /// A server on a real unix socket answering one connection after another with each of
+    /// `replies` (whole responses); the thread yields the request heads it read, in order.
+    pub fn serve(
+        name: &str,
+        replies: Vec<String>,
+    ) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<String>>) {
         let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("docker.sock");
         let _ = std::fs::remove_file(&socket);
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                conn.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
+            let mut heads = Vec::new();
+            for reply in replies {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    conn.read_exact(&mut byte).unwrap();
+                    head.push(byte[0]);
+                }
+                conn.write_all(reply.as_bytes()).unwrap();
+                heads.push(String::from_utf8(head).unwrap());
             }
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                body.len()
-            );
-            conn.write_all(reply.as_bytes()).unwrap();
-            String::from_utf8(head).unwrap()
+            heads
         });
         (socket, server)
     }

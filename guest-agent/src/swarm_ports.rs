@@ -199,30 +199,13 @@ mod tests {
     /// A dockerd whose `/_ping` has no `Swarm` header is asked for the list; its 503 is no swarm.
     #[test]
     fn without_the_ping_header_the_list_is_asked_for() {
-        use std::io::{Read, Write};
-        let dir = std::env::temp_dir().join(format!("berth-swarm-old-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("docker.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            let mut heads = Vec::new();
-            for reply in [
-                "HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nContent-Length: 2\r\n\r\nOK",
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}",
-            ] {
-                let (mut conn, _) = listener.accept().unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    conn.read_exact(&mut byte).unwrap();
-                    head.push(byte[0]);
-                }
-                conn.write_all(reply.as_bytes()).unwrap();
-                heads.push(String::from_utf8(head).unwrap());
-            }
-            heads
-        });
+        let (socket, server) = crate::docker_api::tests::serve(
+            "swarm-old",
+            vec![
+                "HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nContent-Length: 2\r\n\r\nOK".into(),
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}".into(),
+            ],
+        );
         assert!(list(&socket).unwrap().is_empty());
         let heads = server.join().unwrap();
         assert!(heads[0].starts_with("GET /_ping HTTP/1.1\r\n"), "{heads:?}");
@@ -230,6 +213,6 @@ mod tests {
             heads[1].starts_with("GET /services HTTP/1.1\r\n"),
             "{heads:?}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
     }
 }
