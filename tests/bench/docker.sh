@@ -10,7 +10,7 @@
 #   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
 #     says it uses and the memory it was given.
 #   - `docker build` of a multi-stage Dockerfile, cold and warm: through the proxy, and with the
-#     docker CLI (and the same buildx) inside the guest.
+#     docker CLI (and the same buildx) inside the guest (in the rig only with BERTH_BENCH_BUILD=1).
 # Runs on the VM host: directly with hardware KVM, else inside the nested rig.
 #
 #   tests/bench/docker.sh [RUNS]      (default 5; runs of `docker run`)
@@ -187,11 +187,14 @@ echo "bench: host RSS of Berth once idle: $((total_kib >> 10)) MiB (berth-vmm $(
 # (the same build again), through the proxy and with the docker CLI inside the guest. The guest's
 # CLI gets the same buildx plugin, copied in through the default share of the temp directory, and
 # builds a copy of the context on the guest's own disk.
-[ -n "${BERTH_DOCKER_PLUGINS:-}" ] || { echo "bench: BERTH_DOCKER_PLUGINS is not set (tests/setup.sh installs buildx)" >&2; exit 1; }
-bctx=$work/build
-mkdir -p "$bctx/src"
-for i in $(seq 64); do head -c $(((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20) / 64)) /dev/urandom > "$bctx/src/f$i"; done
-cat > "$bctx/Dockerfile" <<'DOCKERFILE'
+if [ "${BERTH_IN_RIG:-0}" = 1 ] && [ "${BERTH_BENCH_BUILD:-0}" != 1 ]; then
+  echo "bench: docker build: not run in the rig unless BERTH_BENCH_BUILD=1 (four builds, about 4 minutes there)"
+else
+  [ -n "${BERTH_DOCKER_PLUGINS:-}" ] || { echo "bench: BERTH_DOCKER_PLUGINS is not set (tests/setup.sh installs buildx)" >&2; exit 1; }
+  bctx=$work/build
+  mkdir -p "$bctx/src"
+  for i in $(seq 64); do head -c $(((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20) / 64)) /dev/urandom > "$bctx/src/f$i"; done
+  cat > "$bctx/Dockerfile" <<'DOCKERFILE'
 FROM bench/busybox AS deps
 RUN i=0; while [ $i -lt 200 ]; do echo "dep $i" > /dep-$i; i=$((i + 1)); done; cat /dep-* | wc -l > /deps
 FROM bench/busybox AS build
@@ -202,18 +205,19 @@ FROM bench/busybox
 COPY --from=build /out /out
 CMD ["cat", "/out"]
 DOCKERFILE
-cp "$BERTH_DOCKER_PLUGINS/docker-buildx" "$work/docker-buildx"
-prune() { docker builder prune -af >/dev/null && { docker rmi bench/built >/dev/null 2>&1 || true; }; }
-proxy_build() { local t0; t0=$(ms); docker build -q -t bench/built "$bctx" >/dev/null; echo $(($(ms) - t0)); }
-prune
-proxy_cold=$(proxy_build)
-proxy_warm=$(proxy_build)
-[ "$(docker run --rm bench/built | tail -n 1)" = "$((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20))" ] || { echo "bench: the built image does not hold the context's size" >&2; exit 1; }
-prune
-guest_out=$(berth shell -- sh -c "set -e; rm -rf /tmp/bctx /tmp/bdc; cp -r '$bctx' /tmp/bctx; mkdir -p /tmp/bdc/cli-plugins; cp '$work/docker-buildx' /tmp/bdc/cli-plugins/; export DOCKER_CONFIG=/tmp/bdc
-  for run in cold warm; do t0=\$(date +%s%3N); docker build -q -t bench/built /tmp/bctx >/dev/null; echo \"built \$run \$((\$(date +%s%3N) - t0))\"; done; rm -rf /tmp/bctx /tmp/bdc" | tr -d '\r')
-guest_cold=$(printf '%s\n' "$guest_out" | awk '/^built cold / { print $3 }')
-guest_warm=$(printf '%s\n' "$guest_out" | awk '/^built warm / { print $3 }')
-[ -n "$guest_cold" ] && [ -n "$guest_warm" ] || { echo "bench: docker build inside the guest failed: '$guest_out'" >&2; exit 1; }
-echo "bench: docker build (multi-stage, $((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8})) MiB context): cold through the proxy ${proxy_cold} ms, inside the guest ${guest_cold} ms, proxy/guest $(ratio "$proxy_cold" "$guest_cold");" \
-  "warm through the proxy ${proxy_warm} ms, inside the guest ${guest_warm} ms, proxy/guest $(ratio "$proxy_warm" "$guest_warm")"
+  cp "$BERTH_DOCKER_PLUGINS/docker-buildx" "$work/docker-buildx"
+  prune() { docker builder prune -af >/dev/null && { docker rmi bench/built >/dev/null 2>&1 || true; }; }
+  proxy_build() { local t0; t0=$(ms); docker build -q -t bench/built "$bctx" >/dev/null; echo $(($(ms) - t0)); }
+  prune
+  proxy_cold=$(proxy_build)
+  proxy_warm=$(proxy_build)
+  [ "$(docker run --rm bench/built | tail -n 1)" = "$((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20))" ] || { echo "bench: the built image does not hold the context's size" >&2; exit 1; }
+  prune
+  guest_out=$(berth shell -- sh -c "set -e; rm -rf /tmp/bctx /tmp/bdc; cp -r '$bctx' /tmp/bctx; mkdir -p /tmp/bdc/cli-plugins; cp '$work/docker-buildx' /tmp/bdc/cli-plugins/; export DOCKER_CONFIG=/tmp/bdc
+    for run in cold warm; do t0=\$(date +%s%3N); docker build -q -t bench/built /tmp/bctx >/dev/null; echo \"built \$run \$((\$(date +%s%3N) - t0))\"; done; rm -rf /tmp/bctx /tmp/bdc" | tr -d '\r')
+  guest_cold=$(printf '%s\n' "$guest_out" | awk '/^built cold / { print $3 }')
+  guest_warm=$(printf '%s\n' "$guest_out" | awk '/^built warm / { print $3 }')
+  [ -n "$guest_cold" ] && [ -n "$guest_warm" ] || { echo "bench: docker build inside the guest failed: '$guest_out'" >&2; exit 1; }
+  echo "bench: docker build (multi-stage, $((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8})) MiB context): cold through the proxy ${proxy_cold} ms, inside the guest ${guest_cold} ms, proxy/guest $(ratio "$proxy_cold" "$guest_cold");" \
+    "warm through the proxy ${proxy_warm} ms, inside the guest ${guest_warm} ms, proxy/guest $(ratio "$proxy_warm" "$guest_warm")"
+fi

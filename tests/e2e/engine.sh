@@ -51,14 +51,16 @@ check import sh -c "tar -C '$work/busybox' -c . | docker import - berth-test/bus
 check buildx-default sh -c 'docker buildx ls; docker buildx inspect | grep -E "^Driver: +docker$"'
 ctx=$work/build
 mkdir -p "$ctx/ignored"
-# A 200 MiB context the build reads, streamed through the proxy by BuildKit's file sync.
-head -c 200M /dev/urandom > "$ctx/big.bin"
+# A large context the build reads (200 MiB; BERTH_E2E_CONTEXT_MIB, which CI sets lower in the
+# rig), streamed through the proxy by BuildKit's file sync.
+context_mib=${BERTH_E2E_CONTEXT_MIB:-200}
+check context-size sh -c "head -c ${context_mib}M /dev/urandom > '$ctx/big.bin' && du -m --apparent-size '$ctx/big.bin'"
 big_sum=$(sha256sum "$ctx/big.bin" | cut -c1-64)
 echo do-not-send > "$ctx/secret.txt"
 echo do-not-send > "$ctx/ignored/file"
 printf 'secret.txt\nignored/\n' > "$ctx/.dockerignore"
 cat > "$ctx/Dockerfile" <<'DOCKERFILE'
-# The whole context, read through a bind mount of it (no layer keeps 200 MiB); a stage of its
+# The whole context, read through a bind mount of it (no layer keeps the big file); a stage of its
 # own, so a change of build arg below does not redo it.
 FROM berth-test/busybox AS context
 RUN --mount=type=bind,target=/ctx ls -A /ctx > /ctx-list && sha256sum /ctx/big.bin | cut -c1-64 > /big.sum
