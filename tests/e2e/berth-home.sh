@@ -176,3 +176,19 @@ berth_as_user_cleanup() {
   for view in "${berth_user_views[@]}"; do umount "$view" 2>/dev/null && rmdir "$view"; done
   return 0
 }
+
+# swarm_leave: `docker swarm leave --force`, once more when the first one timed out (dockerd in
+# the rig answered "context deadline exceeded" while it tore the raft node down); either way
+# the node must end up outside the swarm.
+swarm_leave() {
+  local state
+  if ! docker swarm leave --force; then
+    echo "the leave failed; looking again in 5 s"
+    sleep 5
+    state=$(docker info --format '{{.Swarm.LocalNodeState}}')
+    [ "$state" = inactive ] || docker swarm leave --force || return 1
+  fi
+  state=$(docker info --format '{{.Swarm.LocalNodeState}}')
+  echo "swarm state: $state"
+  [ "$state" = inactive ]
+}

@@ -180,7 +180,7 @@ check stack-deploy docker stack deploy -c "$work/stack.yaml" berthstack
 check stack-answers sh -c 'for i in $(seq 180); do curl -fsS --max-time 2 http://127.0.0.1:8096/ 2>/dev/null && exit 0; sleep 1; done; docker stack ps --no-trunc berthstack; exit 1'
 check stack-services docker stack services --format '{{.Name}} {{.Replicas}} {{.Ports}}' berthstack
 check stack-rm docker stack rm berthstack
-check swarm-leave docker swarm leave --force
+check swarm-leave swarm_leave
 
 # The containers running within a minute are `always` and `unless` (the restart policies), not `never`.
 restart_policies_held() {

@@ -76,7 +76,7 @@ fn buildkit_compose_registry_swarm_and_restart_policies_work_like_native_docker(
     expect("stack-deploy", "Creating service berthstack_web");
     expect("stack-answers", "hello-from-the-stack");
     expect("stack-services", "berthstack_web 1/1 *:8096->80/tcp");
-    expect("swarm-leave", "Node left the swarm.");
+    expect("swarm-leave", "swarm state: inactive");
     // Restart policies: `always` and `unless-stopped` come back, a container without one not.
     expect("restarted-after-restart", "running: always unless ");
     // A volume's data survives berth stop and berth start.

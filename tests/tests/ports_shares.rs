@@ -88,8 +88,8 @@ fn published_ports_the_way_out_and_shares_work_like_native_docker() {
         "append-two-containers",
         "400 whole lines of 400, 400 in all",
     );
-    // Host changes reach inotify watchers in a container, within 500 ms, leaving the file as
-    // the host wrote it.
+    // Host changes reach inotify watchers in a container, within 500 ms (1500 in the rig),
+    // leaving the file as the host wrote it.
     for (step, what) in [
         ("inotify-create", "CREATE"),
         ("inotify-modify", "MODIFY"),
