@@ -119,10 +119,9 @@ if [ -n "${BERTH_ROOTFS_BASELINE:-}" ]; then
   berth stop >/dev/null
   rm -rf "$BERTH_HOME"
   export "${current[@]}"
-fi
-
-[ -n "${BERTH_ROOTFS_BASELINE:-}" ] ||
+else
   echo "bench: no baseline image (bookworm, dockerd 20.10): BERTH_BENCH_BASELINE=1 tests/setup.sh builds it, then this benchmark compares"
+fi
 
 # 2. The current image: first start (blank data disk), cold page cache, warm with the breakdown.
 first=$(start_ms)
@@ -191,9 +190,10 @@ if [ "${BERTH_IN_RIG:-0}" = 1 ] && [ "${BERTH_BENCH_BUILD:-0}" != 1 ]; then
   echo "bench: docker build: not run in the rig unless BERTH_BENCH_BUILD=1 (four builds, about 4 minutes there)"
 else
   [ -n "${BERTH_DOCKER_PLUGINS:-}" ] || { echo "bench: BERTH_DOCKER_PLUGINS is not set (tests/setup.sh installs buildx)" >&2; exit 1; }
+  build_mib=${BERTH_BENCH_BUILD_CONTEXT_MIB:-8}
   bctx=$work/build
   mkdir -p "$bctx/src"
-  for i in $(seq 64); do head -c $(((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20) / 64)) /dev/urandom > "$bctx/src/f$i"; done
+  for i in $(seq 64); do head -c $(((build_mib << 20) / 64)) /dev/urandom > "$bctx/src/f$i"; done
   cat > "$bctx/Dockerfile" <<'DOCKERFILE'
 FROM bench/busybox AS deps
 RUN i=0; while [ $i -lt 200 ]; do echo "dep $i" > /dep-$i; i=$((i + 1)); done; cat /dep-* | wc -l > /deps
@@ -211,13 +211,13 @@ DOCKERFILE
   prune
   proxy_cold=$(proxy_build)
   proxy_warm=$(proxy_build)
-  [ "$(docker run --rm bench/built | tail -n 1)" = "$((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8} << 20))" ] || { echo "bench: the built image does not hold the context's size" >&2; exit 1; }
+  [ "$(docker run --rm bench/built | tail -n 1)" = "$((build_mib << 20))" ] || { echo "bench: the built image does not hold the context's size" >&2; exit 1; }
   prune
   guest_out=$(berth shell -- sh -c "set -e; rm -rf /tmp/bctx /tmp/bdc; cp -r '$bctx' /tmp/bctx; mkdir -p /tmp/bdc/cli-plugins; cp '$work/docker-buildx' /tmp/bdc/cli-plugins/; export DOCKER_CONFIG=/tmp/bdc
     for run in cold warm; do t0=\$(date +%s%3N); docker build -q -t bench/built /tmp/bctx >/dev/null; echo \"built \$run \$((\$(date +%s%3N) - t0))\"; done; rm -rf /tmp/bctx /tmp/bdc" | tr -d '\r')
   guest_cold=$(printf '%s\n' "$guest_out" | awk '/^built cold / { print $3 }')
   guest_warm=$(printf '%s\n' "$guest_out" | awk '/^built warm / { print $3 }')
   [ -n "$guest_cold" ] && [ -n "$guest_warm" ] || { echo "bench: docker build inside the guest failed: '$guest_out'" >&2; exit 1; }
-  echo "bench: docker build (multi-stage, $((${BERTH_BENCH_BUILD_CONTEXT_MIB:-8})) MiB context): cold through the proxy ${proxy_cold} ms, inside the guest ${guest_cold} ms, proxy/guest $(ratio "$proxy_cold" "$guest_cold");" \
+  echo "bench: docker build (multi-stage, ${build_mib} MiB context): cold through the proxy ${proxy_cold} ms, inside the guest ${guest_cold} ms, proxy/guest $(ratio "$proxy_cold" "$guest_cold");" \
     "warm through the proxy ${proxy_warm} ms, inside the guest ${guest_warm} ms, proxy/guest $(ratio "$proxy_warm" "$guest_warm")"
 fi
