@@ -3,6 +3,8 @@
 
 mod device;
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod request;
 
 use std::io;

@@ -20,11 +20,12 @@ const BUFFERS: u64 = 0x4000;
 /// Bytes per descriptor in the input: addr/16 (2), len (2), flags (1), next (1).
 const DESC_INPUT: usize = 6;
 
-/// A cursor over the fuzzer's bytes that yields zeros once they run out.
-struct Input<'a>(&'a [u8]);
+/// A cursor over the fuzzer's bytes that yields zeros once they run out (block's and vsock's
+/// fuzzing entry points lay out their queues with it too).
+pub(crate) struct Input<'a>(pub(crate) &'a [u8]);
 
 impl Input<'_> {
-    fn take(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) fn take(&mut self, n: usize) -> Vec<u8> {
         let n_here = n.min(self.0.len());
         let (head, rest) = self.0.split_at(n_here);
         self.0 = rest;
@@ -33,14 +34,14 @@ impl Input<'_> {
         bytes
     }
 
-    fn byte(&mut self) -> u8 {
+    pub(crate) fn byte(&mut self) -> u8 {
         self.take(1)[0]
     }
 }
 
 /// Lays out a queue in fresh guest memory from `input`: the descriptor table, the avail ring
 /// (how many heads and which), and buffer contents.
-fn queue_from(input: &mut Input<'_>, event_idx: bool) -> Option<(GuestMemory, Queue)> {
+pub(crate) fn queue_from(input: &mut Input<'_>, event_idx: bool) -> Option<(GuestMemory, Queue)> {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
     for i in 0..u64::from(QUEUE_LEN) {
         let d = input.take(DESC_INPUT);
