@@ -20,6 +20,94 @@ pub enum VmmRequest {
     Stop,
 }
 
+/// The memory balloon's requests, on the same socket and in the same form as `VmmRequest`'s
+/// (`{"op":"balloon","mib":512}`). A type of their own so that a client matching every
+/// `VmmRequest` keeps building; the VMM decodes both as an [`ApiRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BalloonRequest {
+    /// Sets how much memory the guest should give back, in MiB (0 lets it have all of it
+    /// again); at most the guest's memory. Answered `Ack`, or `Error` with nothing changed.
+    Balloon { mib: u64 },
+    /// The balloon's target, what the guest has given and its latest memory statistics.
+    /// Answered with `BalloonStatus`.
+    BalloonStats,
+}
+
+/// Every request the VMM's API socket answers, told apart by `op`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ApiRequest {
+    Vmm(VmmRequest),
+    Balloon(BalloonRequest),
+}
+
+impl From<VmmRequest> for ApiRequest {
+    fn from(request: VmmRequest) -> Self {
+        ApiRequest::Vmm(request)
+    }
+}
+
+impl From<BalloonRequest> for ApiRequest {
+    fn from(request: BalloonRequest) -> Self {
+        ApiRequest::Balloon(request)
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let value = serde_json::Value::deserialize(d)?;
+        let op = value
+            .get("op")
+            .and_then(|op| op.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        match op.as_str() {
+            "ping" | "stop" => serde_json::from_value(value).map(ApiRequest::Vmm),
+            "balloon" | "balloon_stats" => serde_json::from_value(value).map(ApiRequest::Balloon),
+            "" => return Err(D::Error::missing_field("op")),
+            other => {
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &["ping", "stop", "balloon", "balloon_stats"],
+                ))
+            }
+        }
+        .map_err(|e| D::Error::custom(format!("op `{op}`: {e}")))
+    }
+}
+
+/// The guest's latest memory statistics (virtio 1.2 section 5.5.6.3); a field the guest has
+/// not reported is absent. Amounts are in bytes, the rest are counts since the guest booted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_stalls: Option<u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum VmmResponse {
@@ -29,6 +117,14 @@ pub enum VmmResponse {
         memory_mib: u64,
     },
     Ack,
+    /// The balloon: the memory the host asked back and what the guest has given (both MiB,
+    /// rounded down), and the guest's latest statistics.
+    BalloonStatus {
+        target_mib: u64,
+        actual_mib: u64,
+        // Boxed: the statistics would make every answer (and host-proxy errors holding one) large.
+        stats: Box<BalloonStats>,
+    },
     /// The request was understood and failed.
     Error {
         message: String,

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use api::{read_message, write_message, VmmRequest, VmmResponse, MAX_MESSAGE};
+pub use api::{
+    read_message, write_message, ApiRequest, BalloonRequest, BalloonStats, VmmRequest, VmmResponse,
+    MAX_MESSAGE,
+};
 pub use exit::VmmExit;
 
 /// The guest's vsock context ID (0-2 are reserved: hypervisor, local, host).
@@ -81,6 +84,30 @@ pub enum DeviceConfig {
     Net(NetConfig),
     /// virtio-fs: one host directory, served in the VMM, mounted by the guest by its tag.
     Fs(FsConfig),
+    /// virtio-balloon with free page reporting: the guest hands back memory it does not use,
+    /// and the host can ask for more through the VMM API.
+    Balloon(BalloonConfig),
+}
+
+/// How often the balloon asks the guest for fresh memory statistics unless told otherwise.
+pub const DEFAULT_BALLOON_STATS_PERIOD_S: u32 = 5;
+/// The longest statistics period a balloon takes.
+pub const MAX_BALLOON_STATS_PERIOD_S: u32 = 3600;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Seconds between the guest's memory statistics reports; 0 offers no statistics queue.
+    #[serde(default = "default_balloon_stats_period_s")]
+    pub stats_period_s: u32,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            stats_period_s: DEFAULT_BALLOON_STATS_PERIOD_S,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,9 +223,10 @@ impl<'de> Deserialize<'de> for DeviceConfig {
             "vsock" => fields::<_, D::Error>(map).map(DeviceConfig::Vsock),
             "net" => fields::<_, D::Error>(map).map(DeviceConfig::Net),
             "fs" => fields::<_, D::Error>(map).map(DeviceConfig::Fs),
+            "balloon" => fields::<_, D::Error>(map).map(DeviceConfig::Balloon),
             other => Err(D::Error::unknown_variant(
                 other,
-                &["disk", "rng", "vsock", "net", "fs"],
+                &["disk", "rng", "vsock", "net", "fs", "balloon"],
             )),
         }
     }
@@ -215,6 +243,9 @@ fn default_cid() -> u64 {
 }
 fn default_net_mtu() -> u16 {
     DEFAULT_NET_MTU
+}
+fn default_balloon_stats_period_s() -> u32 {
+    DEFAULT_BALLOON_STATS_PERIOD_S
 }
 fn is_false(b: &bool) -> bool {
     !*b
@@ -307,6 +338,7 @@ impl VmConfig {
             return Err(invalid("kernel", "a kernel path is needed".into()));
         }
         let mut vsock_seen = false;
+        let mut balloon_seen = false;
         let mut fs_tags = std::collections::HashSet::new();
         for (i, device) in self.devices.iter().enumerate() {
             let field = |name: &str| format!("devices[{i}].{name}");
@@ -365,6 +397,24 @@ impl VmConfig {
                         return Err(invalid(
                             &field("path"),
                             format!("{}: a share's path must be absolute", fs.path.display()),
+                        ));
+                    }
+                }
+                DeviceConfig::Balloon(balloon) => {
+                    if balloon_seen {
+                        return Err(invalid(
+                            &format!("devices[{i}]"),
+                            "a VM has at most one balloon device".into(),
+                        ));
+                    }
+                    balloon_seen = true;
+                    if balloon.stats_period_s > MAX_BALLOON_STATS_PERIOD_S {
+                        return Err(invalid(
+                            &field("stats_period_s"),
+                            format!(
+                                "{} s: choose between 0 (no statistics) and {MAX_BALLOON_STATS_PERIOD_S}",
+                                balloon.stats_period_s
+                            ),
                         ));
                     }
                 }

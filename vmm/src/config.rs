@@ -117,6 +117,32 @@ mod tests {
     }
 
     #[test]
+    fn a_balloon_is_described_with_its_stats_period() {
+        let json = br#"{"kernel": "/k", "devices": [{"type": "balloon"},
+            {"type": "balloon", "stats_period_s": 0}]}"#;
+        let err = VmConfig::from_json(json).unwrap_err();
+        assert_eq!(
+            chain(&err),
+            "field `devices[1]`: a VM has at most one balloon device"
+        );
+        let json = br#"{"kernel": "/k", "devices": [{"type": "balloon"}]}"#;
+        let config = VmConfig::from_json(json).unwrap();
+        assert_eq!(
+            config.devices,
+            [DeviceConfig::Balloon(berth_machine::BalloonConfig {
+                stats_period_s: 5
+            })]
+        );
+        let json =
+            br#"{"kernel": "/k", "devices": [{"type": "balloon", "stats_period_s": 86400}]}"#;
+        let err = VmConfig::from_json(json).unwrap_err();
+        assert!(
+            chain(&err).starts_with("field `devices[0].stats_period_s`: 86400 s"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_disk_the_vmm_cannot_write_is_refused_unless_read_only() {
         if nix_is_root() {
             return; // root opens anything; the mode check cannot fail there.

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use berth_machine::DeviceConfig;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::devices::virtio::balloon::BalloonHandle;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::{Muxer, Vsock};
-use crate::devices::virtio::{mmio, Block, MmioTransport, Rng, VirtioDevice};
+use crate::devices::virtio::{mmio, Balloon, Block, MmioTransport, Rng, VirtioDevice};
 use crate::devices::{bus, Bus};
 use crate::hypervisor::{self, Vm};
 use crate::memory::GuestMemory;
@@ -164,8 +165,19 @@ impl<T: Vm + ?Sized> Wiring for T {
     }
 }
 
-/// The one place a device description becomes a device: `config` is `devices[index]`.
-pub fn build_device(index: usize, config: &DeviceConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+/// What the VMM API drives in the devices built: filled in as they are.
+#[derive(Clone, Default)]
+pub struct Controls {
+    pub balloon: Option<BalloonHandle>,
+}
+
+/// The one place a device description becomes a device: `config` is `devices[index]`; a
+/// device the VMM API drives leaves its handle in `controls`.
+pub fn build_device(
+    index: usize,
+    config: &DeviceConfig,
+    controls: &mut Controls,
+) -> Result<Box<dyn VirtioDevice>, Error> {
     let failed = |what: String| {
         move |source: BoxError| Error::CreateDevice {
             field: format!("devices[{index}]"),
@@ -191,6 +203,12 @@ pub fn build_device(index: usize, config: &DeviceConfig) -> Result<Box<dyn Virti
         DeviceConfig::Fs(fs) => {
             Box::new(Fs::new(fs).map_err(|e| failed(format!("fs share {:?}", fs.tag))(e.into()))?)
         }
+        DeviceConfig::Balloon(balloon) => {
+            let period = std::time::Duration::from_secs(balloon.stats_period_s.into());
+            let device = Balloon::new(Some(period));
+            controls.balloon = Some(device.handle());
+            Box::new(device)
+        }
     })
 }
 
@@ -201,6 +219,7 @@ pub struct DeviceManager {
     mmio_bus: Bus,
     placed: Vec<MmioSlot>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    controls: Controls,
 }
 
 impl DeviceManager {
@@ -211,6 +230,7 @@ impl DeviceManager {
             mmio_bus: Bus::new(),
             placed: Vec::new(),
             transports: Vec::new(),
+            controls: Controls::default(),
         }
     }
 
@@ -222,7 +242,8 @@ impl DeviceManager {
         devices: &[DeviceConfig],
     ) -> Result<(), Error> {
         for (index, config) in devices.iter().enumerate() {
-            self.add(vm, mem, build_device(index, config)?)?;
+            let device = build_device(index, config, &mut self.controls)?;
+            self.add(vm, mem, device)?;
         }
         Ok(())
     }
@@ -267,6 +288,11 @@ impl DeviceManager {
         );
         self.placed.push(slot);
         Ok(slot)
+    }
+
+    /// What the VMM API drives in the devices added.
+    pub fn controls(&self) -> &Controls {
+        &self.controls
     }
 
     /// The slots handed out, in order.
@@ -477,6 +503,35 @@ mod tests {
             .mmio_bus()
             .read(devices.slots()[0].base + mmio::DEVICE_ID_OFFSET, &mut id);
         assert_eq!(u32::from_le_bytes(id), crate::devices::virtio::TYPE_BLOCK);
+
+        assert!(devices.controls().balloon.is_none());
+
+        let mut devices = DeviceManager::new(SPACE, IRQS);
+        let balloon = DeviceConfig::Balloon(berth_machine::BalloonConfig::default());
+        devices
+            .add_devices(&vm, &memory(), &[DeviceConfig::Rng, balloon])
+            .unwrap();
+        let balloon = devices
+            .controls()
+            .balloon
+            .clone()
+            .expect("the API's handle");
+        balloon.set_target_pages(256);
+        let mut id = [0u8; 4];
+        let base = devices.slots()[1].base;
+        devices
+            .mmio_bus()
+            .read(base + mmio::DEVICE_ID_OFFSET, &mut id);
+        assert_eq!(u32::from_le_bytes(id), crate::devices::virtio::TYPE_BALLOON);
+        let mut num_pages = [0u8; 4];
+        devices
+            .mmio_bus()
+            .read(base + mmio::CONFIG_OFFSET, &mut num_pages);
+        assert_eq!(
+            u32::from_le_bytes(num_pages),
+            256,
+            "the target set through the handle"
+        );
 
         let configs = [DeviceConfig::Rng, disk("/no/such/disk.img".into(), true)];
         let e = DeviceManager::new(SPACE, IRQS)

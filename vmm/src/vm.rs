@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Address, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{self, ApiServer, VmInfo};
+use crate::api::{self, ApiServer, DeviceControls, VmInfo};
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable};
 use crate::config::{self, VmConfig};
 use crate::device_manager::{self, DeviceManager};
@@ -158,7 +158,11 @@ impl Machine {
 
 /// Serves the VMM API socket, if the description asks for one, until the returned server is
 /// dropped.
-fn start_api(config: &VmConfig, exit: &ExitNotifier) -> Result<Option<ApiServer>, Error> {
+fn start_api(
+    config: &VmConfig,
+    exit: &ExitNotifier,
+    devices: &DeviceControls,
+) -> Result<Option<ApiServer>, Error> {
     let Some(path) = &config.api_socket else {
         return Ok(None);
     };
@@ -166,7 +170,12 @@ fn start_api(config: &VmConfig, exit: &ExitNotifier) -> Result<Option<ApiServer>
         cpus: config.cpus,
         memory_mib: config.memory_mib,
     };
-    Ok(Some(ApiServer::start(path, info, exit.clone())?))
+    Ok(Some(ApiServer::start(
+        path,
+        info,
+        exit.clone(),
+        devices.clone(),
+    )?))
 }
 
 /// The kernel command line: the VMM's console and devices first, then the user's arguments.
@@ -187,7 +196,8 @@ fn kernel_cmdline(device_args: &[String], user: &str) -> String {
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     config::validate(config)?;
     let (exit, exits) = ExitNotifier::new();
-    let _api = start_api(config, &exit)?;
+    let api_devices = DeviceControls::default();
+    let _api = start_api(config, &exit, &api_devices)?;
     let hv = hypervisor::open()?;
     let mut machine = Machine::new(hv.as_ref(), config)?;
     let panicked = Arc::new(AtomicBool::new(false));
@@ -195,6 +205,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     machine
         .devices
         .add_devices(machine.vm.as_ref(), &machine.mem, &config.devices)?;
+    api_devices.set(machine.devices.controls().clone());
 
     let rsdp = acpi::setup_acpi(&machine.mem, config.cpus)?;
     mptable::setup_mptable(&machine.mem, config.cpus)?;

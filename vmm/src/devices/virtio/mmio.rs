@@ -388,8 +388,9 @@ impl MmioTransport {
             return;
         }
         let event_idx = self.driver_features & feature(features::RING_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (index, queue) in self.queues.iter().enumerate() {
+        let count = self.device.active_queue_count().min(self.queues.len());
+        let mut queues = Vec::with_capacity(count);
+        for (index, queue) in self.queues.iter().enumerate().take(count) {
             if !queue.ready() {
                 warn_rate_limited!("virtio-mmio: DRIVER_OK with queue {index} not ready");
                 return self.needs_reset();

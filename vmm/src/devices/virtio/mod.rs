@@ -27,6 +27,7 @@ macro_rules! warn_rate_limited {
     }};
 }
 
+pub mod balloon;
 pub mod block;
 pub mod event_loop;
 pub mod fs;
@@ -38,12 +39,15 @@ pub mod vsock;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
+pub use balloon::Balloon;
 pub use block::Block;
 pub use mmio::MmioTransport;
 pub use rng::Rng;
 
 /// Device types (virtio 1.2 section 5).
-pub use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK as TYPE_BLOCK, VIRTIO_ID_RNG as TYPE_RNG};
+pub use virtio_bindings::virtio_ids::{
+    VIRTIO_ID_BALLOON as TYPE_BALLOON, VIRTIO_ID_BLOCK as TYPE_BLOCK, VIRTIO_ID_RNG as TYPE_RNG,
+};
 
 /// Device status bits (virtio 1.2 section 2.1).
 pub mod status {
@@ -107,6 +111,12 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The maximum size of each of the device's queues; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of those queues, from the first, the driver sets up under the features it
+    /// acked; the device is activated with those. All of them unless a device's queues depend
+    /// on its features (the balloon's stats and reporting queues).
+    fn active_queue_count(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// The feature bits the device offers, including `VERSION_1`.
     fn avail_features(&self) -> u64;
     /// Records the features the driver accepted (a subset of `avail_features`).

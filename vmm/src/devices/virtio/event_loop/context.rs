@@ -48,7 +48,6 @@ pub(crate) trait Backends {
 /// The backend fds and timers of one device's loop, as a hook sees them.
 pub(crate) struct Registry<'a> {
     epoll: &'a Epoll,
-    #[allow(dead_code, reason = "for the balloon's statistics timer")]
     timers: &'a mut HashMap<u32, TimerFd>,
     /// The events of the current batch not delivered yet.
     pending: &'a mut [EpollEvent],
@@ -88,7 +87,6 @@ impl<'a> Registry<'a> {
 
     /// Arms timer `token` to fire after `first` (at least a nanosecond), then every `period`
     /// if given. Arming a running timer restarts it.
-    #[allow(dead_code, reason = "for the balloon's statistics timer")]
     pub(crate) fn start_timer(
         &mut self,
         token: u32,
@@ -122,7 +120,6 @@ impl<'a> Registry<'a> {
     }
 
     /// Stops timer `token`; an expiry not delivered yet is dropped.
-    #[allow(dead_code, reason = "for the balloon's statistics timer")]
     pub(crate) fn stop_timer(&mut self, token: u32) {
         if let Some(timer) = self.timers.remove(&token) {
             // Closing the timer removes it from the epoll.
@@ -180,7 +177,6 @@ impl Backends for Registry<'_> {
 }
 
 /// A nonblocking timerfd: a read after a restart returns EAGAIN instead of blocking the loop.
-#[allow(dead_code, reason = "for the balloon's statistics timer")]
 fn new_timer() -> io::Result<TimerFd> {
     let timer = TimerFd::new().map_err(io::Error::from)?;
     let fd = timer.as_raw_fd();

@@ -175,6 +175,12 @@ impl<H: DeviceHandler> EventLoop<H> {
         }
     }
 
+    /// Changes the number of queues the next activation takes, for a device whose queues
+    /// depend on the features the driver acked (the balloon).
+    pub(crate) fn set_queue_count(&mut self, queue_count: usize) {
+        self.queue_count = queue_count;
+    }
+
     /// The activation every device shares: refuses a second activation and a wrong number of
     /// queues, makes the handler with `make_handler`, lets it [`start`](DeviceHandler::start)
     /// and starts the thread.
