@@ -8,10 +8,11 @@ use std::io::Write;
 /// The prefix of every line; tests and the boot benchmark grep for it.
 pub const PREFIX: &str = "berth-agent:";
 
-/// Prints `berth-agent: <message>`.
+/// Prints `berth-agent: <message>` in one write: `writeln!` on unbuffered stderr makes a write per
+/// piece, and the kernel's own console messages land between them, splitting the line.
 pub fn say(message: &str) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{PREFIX} {message}");
+    let line = format!("{PREFIX} {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Prints `berth-agent: warning: <message>`: something is off but the boot goes on.

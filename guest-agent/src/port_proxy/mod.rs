@@ -279,9 +279,10 @@ fn exit_on_stop_signals() -> std::io::Result<()> {
         .map(drop)
 }
 
+/// One write per line, as the agent's console::say does.
 fn say(message: &str) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "berth-port-proxy: {message}");
+    let line = format!("berth-port-proxy: {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 #[cfg(test)]
