@@ -18,6 +18,7 @@ const KEY_HOSTNAME: &str = "berth.hostname";
 const KEY_DATA: &str = "berth.data";
 const KEY_ON_READY: &str = "berth.on_ready";
 const KEY_DOCKER: &str = "berth.docker";
+const KEY_IDLE_RECLAIM: &str = "berth.idle_reclaim";
 
 /// Host name used when `berth.hostname` is absent or invalid.
 pub const DEFAULT_HOSTNAME: &str = "berth";
@@ -96,6 +97,9 @@ pub struct Config {
     pub net: Option<GuestNet>,
     /// Every valid `berth.share` in command-line order (each occurrence adds one).
     pub shares: Vec<GuestShare>,
+    /// `berth.idle_reclaim=SECONDS`: after this long idle the agent reclaims the page cache
+    /// (`reclaim`); 0 never does.
+    pub idle_reclaim_secs: u64,
 }
 
 impl Default for Config {
@@ -107,6 +111,7 @@ impl Default for Config {
             docker: true,
             net: None,
             shares: Vec::new(),
+            idle_reclaim_secs: crate::reclaim::DEFAULT_IDLE_SECS,
         }
     }
 }
@@ -181,6 +186,16 @@ impl Config {
                     return Err(format!("{shown}: expected on or off; using on"));
                 }
             },
+            KEY_IDLE_RECLAIM => match value.and_then(|v| v.parse::<u64>().ok()) {
+                Some(secs) => self.idle_reclaim_secs = secs,
+                None => {
+                    self.idle_reclaim_secs = default.idle_reclaim_secs;
+                    return Err(format!(
+                        "{shown}: expected seconds (0 for never); using {}",
+                        default.idle_reclaim_secs
+                    ));
+                }
+            },
             NET_PARAM => match value.map(GuestNet::parse) {
                 Some(Ok(net)) => self.net = Some(net),
                 Some(Err(why)) => {
@@ -202,7 +217,8 @@ impl Config {
             _ => {
                 return Err(format!(
                     "unknown command-line key {key} (known: {KEY_HOSTNAME}, {KEY_DATA}, \
-                     {KEY_ON_READY}, {KEY_DOCKER}, {NET_PARAM}, {SHARE_PARAM}); ignored"
+                     {KEY_ON_READY}, {KEY_DOCKER}, {KEY_IDLE_RECLAIM}, {NET_PARAM}, \
+                     {SHARE_PARAM}); ignored"
                 ))
             }
         }
@@ -392,6 +408,17 @@ mod tests {
     #[test]
     fn docker_on_off() {
         assert!(parse("").config.docker);
+        assert_eq!(parse("berth.idle_reclaim=0").config.idle_reclaim_secs, 0);
+        let p = parse("berth.idle_reclaim=soon");
+        assert_eq!(
+            p.config.idle_reclaim_secs,
+            crate::reclaim::DEFAULT_IDLE_SECS
+        );
+        assert!(
+            p.warnings[0].contains("expected seconds"),
+            "{:?}",
+            p.warnings
+        );
         let p = parse("berth.docker=off");
         assert!(p.warnings.is_empty());
         assert!(!p.config.docker);

@@ -32,6 +32,7 @@ mod power;
 mod pty;
 mod readiness;
 mod reaper;
+mod reclaim;
 mod services;
 mod shares;
 mod shell;
@@ -101,6 +102,9 @@ fn main() {
     let supervisor = start_engine(booted.config.docker, &events);
     match booted.config.on_ready {
         OnReady::Stay => {
+            if let Err(e) = reclaim::spawn(booted.config.idle_reclaim_secs) {
+                console::warn(&format!("idle reclaim: {e}"));
+            }
             if let Err(e) = bind_watch::spawn(&events) {
                 console::warn(&format!("host file events: {}", console::chain(&e)));
             }

@@ -1,0 +1,275 @@
+//! Gives the page cache back when the guest is idle.
+//!
+//! Once booted, most of what the guest holds is clean page cache (image layers, dockerd's own
+//! binaries): free memory goes back to the host at once through the balloon's free page
+//! reporting, cache never does. So when the CPUs have been idle for `berth.idle_reclaim`
+//! seconds (default 60), the agent asks the kernel to reclaim the file cache down to a small
+//! floor, once per idle period: cgroup v2's `memory.reclaim` on the root group (cold pages
+//! first), or `drop_caches` where that file is missing. The guest has no swap, so only clean
+//! file pages go; what the next command needs is read back from the disk.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::console;
+
+/// Seconds of idle CPUs before the cache is reclaimed, unless `berth.idle_reclaim` says.
+pub const DEFAULT_IDLE_SECS: u64 = 60;
+/// How often the CPUs' times are sampled.
+const SAMPLE: Duration = Duration::from_secs(5);
+/// Busier than this share of all CPUs' time is not idle.
+const IDLE_BUSY_FRACTION: f64 = 0.05;
+/// File cache kept: the hottest pages of what runs.
+const KEEP_KIB: u64 = 16 << 10;
+/// Less than this above the floor is not worth a reclaim.
+const MIN_RECLAIM_KIB: u64 = 16 << 10;
+
+/// Aggregate CPU times from the `cpu` line of /proc/stat, in clock ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub busy: u64,
+    pub total: u64,
+}
+
+/// The first line of /proc/stat: user nice system idle iowait irq softirq steal ...; idle and
+/// iowait are not busy.
+pub fn parse_stat(text: &str) -> Option<CpuTimes> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    if fields.len() < 4 {
+        return None;
+    }
+    // guest and guest_nice (fields 9 and 10) are already counted in user and nice.
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
+    Some(CpuTimes {
+        busy: total - idle,
+        total,
+    })
+}
+
+/// Active(file) + Inactive(file) from /proc/meminfo, in KiB: the page cache that reclaim can
+/// take (Cached also counts shmem and tmpfs, which it cannot).
+pub fn file_cache_kib(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    Some(field("Active(file)")? + field("Inactive(file)")?)
+}
+
+/// When to reclaim: after `idle_after` of idle samples, once, until a busy sample re-arms it.
+#[derive(Debug)]
+pub struct IdleTracker {
+    idle_after: Duration,
+    idle_for: Duration,
+    done: bool,
+}
+
+impl IdleTracker {
+    pub fn new(idle_after: Duration) -> Self {
+        IdleTracker {
+            idle_after,
+            idle_for: Duration::ZERO,
+            done: false,
+        }
+    }
+
+    /// One sample of `elapsed` between `before` and `after`; true when the reclaim is due now.
+    pub fn observe(&mut self, before: CpuTimes, after: CpuTimes, elapsed: Duration) -> bool {
+        let total = after.total.saturating_sub(before.total);
+        let busy = after.busy.saturating_sub(before.busy);
+        let idle = total == 0 || (busy as f64) < IDLE_BUSY_FRACTION * total as f64;
+        if !idle {
+            self.idle_for = Duration::ZERO;
+            self.done = false;
+            return false;
+        }
+        self.idle_for += elapsed;
+        if self.done || self.idle_for < self.idle_after {
+            return false;
+        }
+        self.done = true;
+        true
+    }
+}
+
+/// How much of `cache_kib` to reclaim: all above the floor, or nothing when that is little.
+pub fn to_reclaim_kib(cache_kib: u64) -> Option<u64> {
+    let excess = cache_kib.saturating_sub(KEEP_KIB);
+    (excess >= MIN_RECLAIM_KIB).then_some(excess)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read {0}")]
+    Read(&'static str, #[source] std::io::Error),
+    #[error("{0} has no figure this agent reads")]
+    Parse(&'static str),
+    #[error("write {0}")]
+    Write(String, #[source] std::io::Error),
+}
+
+/// Asks the kernel to reclaim `kib` of the root cgroup's memory; where `memory.reclaim` is
+/// missing, drops the clean page cache. A reclaim that got less than asked (EAGAIN) is fine.
+pub fn reclaim(cgroup_root: &Path, kib: u64) -> Result<(), Error> {
+    let file = cgroup_root.join("memory.reclaim");
+    match write(&file, &format!("{}", kib << 10)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let drop = "/proc/sys/vm/drop_caches";
+            write(Path::new(drop), "1").map_err(|e| Error::Write(drop.into(), e))
+        }
+        Err(e) => Err(Error::Write(file.display().to_string(), e)),
+    }
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
+}
+
+fn read_cpu() -> Result<CpuTimes, Error> {
+    let text = std::fs::read_to_string("/proc/stat").map_err(|e| Error::Read("/proc/stat", e))?;
+    parse_stat(&text).ok_or(Error::Parse("/proc/stat"))
+}
+
+fn read_cache_kib() -> Result<u64, Error> {
+    let text =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::Read("/proc/meminfo", e))?;
+    file_cache_kib(&text).ok_or(Error::Parse("/proc/meminfo"))
+}
+
+/// One reclaim, said on the console with the cache before and after.
+fn reclaim_now(idle_after: Duration) -> Result<(), Error> {
+    let before = read_cache_kib()?;
+    let Some(kib) = to_reclaim_kib(before) else {
+        return Ok(());
+    };
+    reclaim(Path::new(crate::cgroups::ROOT), kib)?;
+    let after = read_cache_kib()?;
+    console::say(&format!(
+        "idle for {} s: page cache reclaimed, {} MiB -> {} MiB",
+        idle_after.as_secs(),
+        before >> 10,
+        after >> 10
+    ));
+    Ok(())
+}
+
+/// Starts the idle watch in a thread of its own; `idle_secs` 0 starts nothing.
+pub fn spawn(idle_secs: u64) -> std::io::Result<()> {
+    if idle_secs == 0 {
+        return Ok(());
+    }
+    let idle_after = Duration::from_secs(idle_secs);
+    std::thread::Builder::new()
+        .name("idle-reclaim".into())
+        .spawn(move || {
+            let mut tracker = IdleTracker::new(idle_after);
+            let mut before = match read_cpu() {
+                Ok(times) => times,
+                Err(e) => return console::warn(&format!("idle reclaim: {}", console::chain(&e))),
+            };
+            loop {
+                std::thread::sleep(SAMPLE);
+                let Ok(after) = read_cpu() else { continue };
+                if tracker.observe(before, after, SAMPLE) {
+                    if let Err(e) = reclaim_now(idle_after) {
+                        console::warn(&format!("idle reclaim: {}", console::chain(&e)));
+                    }
+                }
+                before = after;
+            }
+        })
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cpu  100 5 50 1000 20 3 2 0 7 0\ncpu0 100 5 50 1000 20 3 2 0 7 0\nintr 1\n";
+
+    #[test]
+    fn cpu_times_count_idle_and_iowait_as_not_busy_and_guest_time_once() {
+        assert_eq!(
+            parse_stat(STAT),
+            Some(CpuTimes {
+                busy: 160,
+                total: 1180
+            })
+        );
+        assert_eq!(parse_stat("cpu  1 2\n"), None);
+        assert_eq!(parse_stat("cpu  1 x 3 4\n"), None);
+        assert_eq!(parse_stat("intr 1\n"), None);
+    }
+
+    #[test]
+    fn the_file_cache_is_active_plus_inactive_file() {
+        let meminfo =
+            "MemTotal: 1000 kB\nCached: 900 kB\nActive(file):  300 kB\nInactive(file): 200 kB\n";
+        assert_eq!(file_cache_kib(meminfo), Some(500));
+        assert_eq!(file_cache_kib("Active(file): 1 kB\n"), None);
+    }
+
+    fn times(busy: u64, total: u64) -> CpuTimes {
+        CpuTimes { busy, total }
+    }
+
+    #[test]
+    fn reclaims_once_per_idle_period_and_a_busy_sample_rearms_it() {
+        let step = Duration::from_secs(5);
+        let mut t = IdleTracker::new(Duration::from_secs(15));
+        let mut at = times(0, 0);
+        let mut sample = |t: &mut IdleTracker, busy: u64| {
+            let next = times(at.busy + busy, at.total + 500);
+            let due = t.observe(at, next, step);
+            at = next;
+            due
+        };
+        // 4% busy is idle: due at the third sample, then not again.
+        assert!(!sample(&mut t, 20));
+        assert!(!sample(&mut t, 20));
+        assert!(sample(&mut t, 20));
+        assert!(!sample(&mut t, 0));
+        assert!(!sample(&mut t, 0));
+        // 10% busy re-arms; the idle time counts again from zero.
+        assert!(!sample(&mut t, 50));
+        assert!(!sample(&mut t, 0));
+        assert!(!sample(&mut t, 0));
+        assert!(sample(&mut t, 0));
+    }
+
+    #[test]
+    fn only_the_cache_above_the_floor_is_reclaimed_and_only_when_worth_it() {
+        assert_eq!(to_reclaim_kib(0), None);
+        assert_eq!(to_reclaim_kib(KEEP_KIB + MIN_RECLAIM_KIB - 1), None);
+        assert_eq!(
+            to_reclaim_kib(KEEP_KIB + MIN_RECLAIM_KIB),
+            Some(MIN_RECLAIM_KIB)
+        );
+        assert_eq!(to_reclaim_kib(200 << 10), Some((200 << 10) - KEEP_KIB));
+    }
+
+    #[test]
+    fn the_amount_goes_to_memory_reclaim_in_bytes() {
+        let dir = std::env::temp_dir().join(format!("berth-agent-reclaim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("memory.reclaim");
+        std::fs::write(&file, "").unwrap();
+        reclaim(&dir, 3).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "3072");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
