@@ -22,7 +22,7 @@ pub struct StatusArgs {
 /// `berth status --json` when no host proxy runs: the status document's `api_version`,
 /// `state`, `reason`, `home` and `settings`, from the config file.
 #[derive(Debug, Serialize)]
-struct Stopped {
+pub struct Stopped {
     api_version: u32,
     state: VmState,
     reason: String,
@@ -32,9 +32,8 @@ struct Stopped {
 
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::from_env()?;
-    match lock::probe(&layout)? {
-        lock::Status::Stopped => {
-            let report = stopped_report(&layout, &Config::load(&config::path()?)?);
+    match report(&layout)? {
+        Report::Stopped(report) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -43,8 +42,41 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                 println!("shares:     {}", shares(&report.settings));
             }
         }
+        Report::Running(status) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `berth status` reports: the host proxy's status document, or the settings when none runs.
+pub enum Report {
+    Stopped(Box<Stopped>),
+    Running(Box<Status>),
+}
+
+impl Report {
+    /// As `berth status --json` prints it.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        match self {
+            Report::Stopped(r) => serde_json::to_string_pretty(r),
+            Report::Running(s) => serde_json::to_string_pretty(s),
+        }
+    }
+}
+
+pub fn report(layout: &Layout) -> anyhow::Result<Report> {
+    match lock::probe(layout)? {
+        lock::Status::Stopped => Ok(Report::Stopped(Box::new(stopped_report(
+            layout,
+            &Config::load(&config::path()?)?,
+        )))),
         lock::Status::Running { pid } => {
-            let client = host_proxy::client(&layout);
+            let client = host_proxy::client(layout);
             let status = host_proxy::runtime()?
                 .block_on(when_up(|| client.status(), None, SOCKET_WAIT))
                 .map_err(Unreachable::into_error)
@@ -54,14 +86,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
                     )
                 })?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print_status(&status);
-            }
+            Ok(Report::Running(Box::new(status)))
         }
     }
-    Ok(())
 }
 
 fn stopped_report(layout: &Layout, config: &Config) -> Stopped {
@@ -173,7 +200,13 @@ fn print_status(status: &Status) {
             let mib = |kib: u64| kib / 1024;
             let total = mib(stats.mem_total_kib);
             let used = total.saturating_sub(mib(stats.mem_available_kib));
-            println!("memory:     {used} MiB used of {total} MiB");
+            match status.vmm_rss_kib {
+                Some(rss) => println!(
+                    "memory:     {used} MiB used of {total} MiB; the VM holds {} MiB of the host's",
+                    mib(rss)
+                ),
+                None => println!("memory:     {used} MiB used of {total} MiB"),
+            }
             println!(
                 "disk:       {} MiB used of {} MiB",
                 mib(stats.disk_used_kib),
@@ -272,6 +305,7 @@ mod tests {
             version: "0.1.0".into(),
             pid: 1,
             vmm_pid: None,
+            vmm_rss_kib: None,
             state: StateChange {
                 state,
                 reason: Some(reason.into()),

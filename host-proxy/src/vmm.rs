@@ -7,8 +7,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use berth_machine::{
-    DeviceConfig, DiskConfig, VmConfig, VmmExit, VmmRequest, VmmResponse, VsockConfig,
-    DATA_DISK_SERIAL, GUEST_CID, MAX_MESSAGE, ROOT_DISK_SERIAL,
+    BalloonConfig, DeviceConfig, DiskConfig, VmConfig, VmmExit, VmmRequest, VmmResponse,
+    VsockConfig, DATA_DISK_SERIAL, GUEST_CID, MAX_MESSAGE, ROOT_DISK_SERIAL,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -78,6 +78,8 @@ pub fn vm_config(settings: &VmSettings, layout: &Layout) -> VmConfig {
                 socket: layout.vsock_socket(),
             }),
             DeviceConfig::Net(crate::passt::net_device(layout)),
+            // Free page reporting hands what the guest frees back to the host at once.
+            DeviceConfig::Balloon(BalloonConfig::default()),
         ]
         .into_iter()
         .chain(
@@ -205,6 +207,19 @@ async fn api_connect(socket: &Path) -> Result<UnixStream, Error> {
     }
 }
 
+/// The resident memory of process `pid` in KiB (`VmRSS` in /proc; `None` where there is no
+/// /proc or no such process).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Sends one request on the VMM's API socket and reads its answer, within `timeout`.
 pub async fn api_request(
     socket: &Path,
@@ -250,6 +265,13 @@ pub async fn api_stop(socket: &Path, timeout: Duration) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_is_read_for_a_live_process_and_none_for_a_gone_one() {
+        let rss = rss_kib(std::process::id()).expect("this test's own RSS");
+        assert!(rss > 0);
+        assert_eq!(rss_kib(u32::MAX), None);
+    }
 
     #[tokio::test]
     async fn a_stop_asked_before_the_vmm_listens_waits_for_it() {
@@ -325,6 +347,9 @@ mod tests {
         assert!(!disks[1].read_only);
         assert_eq!(disks[1].serial.as_deref(), Some(DATA_DISK_SERIAL));
         assert!(config.devices.contains(&DeviceConfig::Rng));
+        assert!(config
+            .devices
+            .contains(&DeviceConfig::Balloon(BalloonConfig::default())));
         assert_eq!(config.vsock_socket(), Some(Path::new("/h/run/vsock.sock")));
         assert_eq!(
             config.api_socket.as_deref(),

@@ -418,6 +418,7 @@ mod tests {
             version: "0.1.0".into(),
             pid: 4242,
             vmm_pid: Some(4250),
+            vmm_rss_kib: Some(150 << 10),
             state: change(VmState::Running, "dockerd answers"),
             uptime_secs: Some(42),
             home: "/h".into(),

@@ -15,7 +15,8 @@ pub const PREFIX: &str = "/v1";
 pub const SHELL_UPGRADE: &str = "berth-shell";
 
 /// Where the VM is in its life. Transitions: stopped -> starting -> running -> stopping ->
-/// stopped; starting or running -> crashed (the VMM exited unasked); crashed -> starting.
+/// stopped; starting or running -> crashed (the VMM exited unasked); crashed -> starting (a
+/// start, or the restart after a crash, `daemon/recovery.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -65,6 +66,11 @@ pub struct Status {
     pub pid: u32,
     /// The VMM's pid while one runs.
     pub vmm_pid: Option<u32>,
+    /// The host memory the VMM holds (its RSS: guest memory the guest touched and has not
+    /// given back through the balloon, and the VMM's own), in KiB; `None` when no VMM runs or
+    /// the host cannot tell.
+    #[serde(default)]
+    pub vmm_rss_kib: Option<u64>,
     #[serde(flatten)]
     pub state: StateChange,
     /// Seconds since the VMM of this run started; `None` when no VM runs.

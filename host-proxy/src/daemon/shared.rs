@@ -376,6 +376,7 @@ impl Shared {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             vmm_pid: inner.vmm_pid,
+            vmm_rss_kib: inner.vmm_pid.and_then(crate::vmm::rss_kib),
             state: inner.state.clone(),
             uptime_secs: inner.started.map(|s| s.elapsed().as_secs()),
             home: layout.home().to_path_buf(),
