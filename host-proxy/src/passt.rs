@@ -48,8 +48,10 @@ pub const HOST_MAC: &str = "52:54:00:12:34:01";
 /// The link MTU: the largest frame passt takes less the Ethernet header.
 pub const MTU: u16 = DEFAULT_NET_MTU;
 
-/// How long passt has to create its socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(5);
+/// How long a passt that is still running has to create its socket (one that exits is seen at
+/// once). 5 s was too little from a cold page cache in the nested rig: the docker benchmark's
+/// start after dropping the host's caches failed on it.
+const SOCKET_WAIT: Duration = Duration::from_secs(30);
 /// How long passt has to exit after SIGTERM before it is killed.
 const TERM_WAIT: Duration = Duration::from_secs(3);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
