@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use berth_host_proxy::lock::{self, Status};
 use berth_host_proxy::Layout;
-use berth_protocol::ShellRequest;
 
 use crate::shell;
 
@@ -112,16 +111,7 @@ fn dockerd_log(layout: &Layout, args: &LogsArgs) -> anyhow::Result<()> {
         command.push("-F".into());
     }
     command.push(DOCKERD_LOG.into());
-    let request = ShellRequest {
-        command,
-        tty: false,
-        rows: 0,
-        cols: 0,
-        term: String::new(),
-    };
-    let mut session = shell::connect(layout, &request)?;
-    berth_protocol::write_shell_frame(&mut session.stream, &berth_protocol::ShellFrame::StdinEnd)
-        .context("cannot close the shell's stdin")?;
+    let session = shell::run(layout, command)?;
     match shell::print_output(session.output())? {
         0 => Ok(()),
         code => bail!("reading {DOCKERD_LOG} in the guest failed (tail exited with status {code})"),

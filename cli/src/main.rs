@@ -2,6 +2,7 @@
 //! unmodified `docker` CLI through `~/.berth/run/docker.sock`.
 #![forbid(unsafe_code)]
 
+mod diagnose;
 mod docker;
 mod host_proxy;
 mod lifecycle;
@@ -47,6 +48,8 @@ enum Command {
     Logs(logs::LogsArgs),
     /// A shell in the VM, or run a command there: `berth shell -- CMD ARGS...`.
     Shell(shell::ShellArgs),
+    /// Collect the logs, settings and state that explain a problem into one tarball.
+    Diagnose(diagnose::DiagnoseArgs),
     /// Show or change the settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(255)),
             Err(e) => Err(e),
         },
+        Command::Diagnose(args) => diagnose::diagnose(&args),
         Command::Config(cmd) => config_command(cmd),
     };
     match result {

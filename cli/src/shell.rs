@@ -86,6 +86,22 @@ pub fn connect(layout: &Layout, request: &ShellRequest) -> anyhow::Result<Sessio
     })
 }
 
+/// Runs `command` in the running VM without a terminal and with its stdin closed: read its
+/// output and exit status from the session.
+pub fn run(layout: &Layout, command: Vec<String>) -> anyhow::Result<Session> {
+    let request = ShellRequest {
+        command,
+        tty: false,
+        rows: 0,
+        cols: 0,
+        term: String::new(),
+    };
+    let mut session = connect(layout, &request)?;
+    write_shell_frame(&mut session.stream, &ShellFrame::StdinEnd)
+        .context("cannot close the command's stdin")?;
+    Ok(session)
+}
+
 fn send(to_guest: &Mutex<UnixStream>, frame: &ShellFrame) -> bool {
     let mut s = to_guest.lock().unwrap_or_else(|p| p.into_inner());
     write_shell_frame(&mut *s, frame).is_ok()
