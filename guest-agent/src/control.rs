@@ -87,6 +87,11 @@ pub fn answer(req: &Request, guest: &impl Guest) -> Response {
             })
         }
         Request::Stats => stats(guest),
+        Request::Clock => Ok(Response::Clock {
+            unix_nanos: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        }),
         Request::SetClock { unix_nanos } => validate_clock(*unix_nanos)
             .and_then(|(secs, nanos)| guest.set_clock(secs, nanos))
             .map(|()| Response::Ack),
@@ -366,6 +371,21 @@ mod tests {
         assert!(parse_loadavg("x 1 2").is_err());
         // A prefix of another field's name is not that field.
         assert!(parse_meminfo("MemTotalX: 5 kB\nMemAvailable: 1 kB\n").is_err());
+    }
+
+    #[test]
+    fn clock_answers_the_wall_clock() {
+        let Response::Clock { unix_nanos } = answer(&Request::Clock, &Fake::default()) else {
+            panic!("not a clock answer");
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(
+            now.abs_diff(unix_nanos) < 1_000_000_000,
+            "{now} vs {unix_nanos}"
+        );
     }
 
     #[test]

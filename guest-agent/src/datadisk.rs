@@ -210,7 +210,23 @@ fn attach(device: &Path) -> Result<DataState, Error> {
         flags: libc::MS_NOATIME,
         data: "discard",
     })?;
+    shorten_writeback();
     Ok(state)
+}
+
+/// What containers and dockerd write reaches the disk within about 4 s instead of the kernel's
+/// default 30 s: a guest that crashes (a kernel panic, a killed VMM) loses only that much of
+/// what was not fsync'd. Seen without it: a `--restart=always` container started 11 s before a
+/// panic was not there after the restart, as dockerd's record of it had not been written yet.
+fn shorten_writeback() {
+    for (knob, centisecs) in [
+        ("/proc/sys/vm/dirty_expire_centisecs", "300"),
+        ("/proc/sys/vm/dirty_writeback_centisecs", "100"),
+    ] {
+        if let Err(e) = std::fs::write(knob, centisecs) {
+            console::warn(&format!("set {knob} to {centisecs}: {e}"));
+        }
+    }
 }
 
 fn format(device: &Path) -> Result<(), Error> {

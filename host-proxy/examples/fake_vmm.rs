@@ -225,6 +225,12 @@ fn control(mut reader: BufReader<UnixStream>, mut stream: UnixStream, booted: In
                 return;
             }
             Request::SetClock { .. } => Response::Ack,
+            Request::Clock => Response::Clock {
+                unix_nanos: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64,
+            },
         };
         write_frame(&mut stream, &answer).unwrap();
     }

@@ -119,6 +119,7 @@ pub fn describe(response: &Response) -> String {
         Response::Hello { .. } => "hello".into(),
         Response::Health { .. } => "health".into(),
         Response::Stats { .. } => "stats".into(),
+        Response::Clock { .. } => "clock".into(),
         Response::Ack => "ack".into(),
         Response::Error { message } => format!("error {message:?}"),
         Response::Unsupported { request } => format!("unsupported (request {request:?})"),

@@ -56,9 +56,10 @@ fn the_status_shows_the_hello_exchange_the_guest_stats_and_the_settings() {
     assert_eq!(status["settings"]["cpus"], 1);
     assert_eq!(status["settings"]["memory_mib"], 256);
     assert_eq!(status["settings"]["disk_size_gib"], 1);
-    assert!(home
-        .log()
-        .contains("guest agent fake-agent 9.9 answered Hello: protocol 4, ours 4"));
+    let hello = format!(
+        "guest agent fake-agent 9.9 answered Hello: protocol {PROTOCOL_VERSION}, ours {PROTOCOL_VERSION}"
+    );
+    assert!(home.log().contains(&hello), "{}", home.log());
     proxy.signal(rustix::process::Signal::TERM);
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }

@@ -231,12 +231,29 @@ fn a_vmm_that_ignores_every_stop_is_killed() {
 }
 
 #[test]
-fn a_crash_is_reported_with_its_reason_and_the_daemon_keeps_serving() {
+fn a_crash_is_restarted_with_backoff_until_five_then_reported_and_the_daemon_keeps_serving() {
     let home = Home::new();
+    // The fake VMM panics at every boot: four restarts after 1, 2, 4 and 8 s, then it stays down.
     let mut proxy = home.spawn("panic", &[]);
     let status = home.wait_state("crashed");
     let reason = status["reason"].as_str().unwrap();
-    assert_eq!(reason, "the guest kernel panicked (see console.log)");
+    assert_eq!(
+        reason,
+        "the guest kernel panicked (see console.log); stayed down after 5 crashes in 10 minutes \
+         (berth start tries again)"
+    );
+    let log = home.log();
+    for (attempt, pause) in [(2, 1), (3, 2), (4, 4), (5, 8)] {
+        let line = format!(
+            "restarting after a crash (the guest kernel panicked (see console.log)), attempt {attempt} in {pause} s"
+        );
+        assert!(log.contains(&line), "no {line:?} in:\n{log}");
+    }
+    assert_eq!(
+        log.matches("VMM exited: the guest kernel panicked").count(),
+        5,
+        "{log}"
+    );
     assert_eq!(status["vmm_pid"], serde_json::Value::Null);
     assert_eq!(status["uptime_secs"], serde_json::Value::Null);
     let log = home.log();
@@ -251,11 +268,17 @@ fn a_crash_is_reported_with_its_reason_and_the_daemon_keeps_serving() {
     assert!(response.contains("Berth VM is not running"), "{response}");
     assert!(!home.path("home/run/vsock.sock").exists());
 
-    // crashed -> starting on a start, and it crashes again.
+    // crashed -> starting on a start, which begins a new series: five more crashes.
     let started = post(&home.control(), "/v1/start", "");
     assert_eq!(started.status, 202, "{started:?}");
     assert_eq!(started.json()["state"], "starting");
     home.wait_state("crashed");
+    let log = home.log();
+    assert_eq!(
+        log.matches("VMM exited: the guest kernel panicked").count(),
+        10,
+        "{log}"
+    );
     assert_eq!(
         get(&home.control(), "/v1/status").json()["state"],
         "crashed"

@@ -17,7 +17,7 @@ pub use shell::{
 
 /// Bumped on any incompatible change; `Hello` tells each side the other's. 3: `Subscribe` and
 /// `Event`s, `Unsupported` answers. 4: `FileEvents` and `Event::WatchPaths` (host file events).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Guest port spliced byte for byte to dockerd's `/var/run/docker.sock`.
 pub const DOCKER_API_PORT: u32 = 2375;
 /// Guest port of the control channel (these messages).
@@ -47,6 +47,8 @@ pub enum Request {
     SetClock {
         unix_nanos: u64,
     },
+    /// What the guest's wall clock says: answered with `Clock` (protocol 5).
+    Clock,
     /// Answered `Ack`; from then on the agent pushes `Event` frames on this connection (and
     /// takes no more requests on it) until either side closes it.
     Subscribe,
@@ -60,12 +62,13 @@ pub enum Request {
 
 impl Request {
     /// The `type` of every request this side knows, as on the wire.
-    pub const TYPES: [&'static str; 7] = [
+    pub const TYPES: [&'static str; 8] = [
         "hello",
         "health",
         "stats",
         "shutdown",
         "set_clock",
+        "clock",
         "subscribe",
         "file_events",
     ];
@@ -90,6 +93,10 @@ pub enum Response {
         disk_total_kib: u64,
         disk_used_kib: u64,
         load_avg_1m: String,
+    },
+    /// The guest's wall clock, in nanoseconds since the epoch.
+    Clock {
+        unix_nanos: u64,
     },
     Ack,
     /// The request was understood and failed.
@@ -275,6 +282,7 @@ mod tests {
             Request::Stats,
             Request::Shutdown { timeout_secs: 1 },
             Request::SetClock { unix_nanos: 1 },
+            Request::Clock,
             Request::Subscribe,
             Request::FileEvents {
                 events: vec![files::FileEvent {

@@ -2,7 +2,8 @@
 //! healthy dockerd (`starting` → `running`), then keep a `Subscribe` connection and pass every
 //! pushed `Event` on to the control API's event stream — except `WatchPaths`, the shared paths
 //! containers bind-mount, which the host's file watcher follows, its changes sent back to the
-//! agent as `FileEvents`; and the bounded refresh of health and stats the status asks for.
+//! agent as `FileEvents`; the guest's clock kept with the host's (`clock.rs`); and the bounded
+//! refresh of health and stats the status asks for.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +38,8 @@ const FILE_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Follows the guest of `run` until the task is aborted (when the VM stops).
 pub async fn watch(shared: Arc<Shared>, run: u64) {
     wait_until_running(&shared, run).await;
+    // Ends with this task: aborted with it when the VM stops.
+    let _clock = AbortOnDrop(tokio::spawn(super::clock::keep(shared.vsock())));
     let mut files = FileEvents::start(&shared);
     let mut events = RateLimit::new(EVENT_LOGS_PER_MINUTE);
     // The guest decides how often its stream ends: log a few of those, not every one.
@@ -54,6 +57,15 @@ pub async fn watch(shared: Arc<Shared>, run: u64) {
             tracing::info!("{ended}");
         }
         tokio::time::sleep(RESUBSCRIBE).await;
+    }
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

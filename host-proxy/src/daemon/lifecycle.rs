@@ -1,8 +1,8 @@
 //! The state machine that owns the VMM and the VM's network: starts passt and then the VMM
 //! from the config file as it is at that moment, notices when the VMM exits unasked (`crashed`,
-//! with the reason) or passt keeps exiting, and runs the one stop sequence: ask the guest to
-//! power off, then the VMM's orderly stop on its API socket, then SIGKILL; passt goes after the
-//! VMM.
+//! with the reason; then starts it again after a pause, `recovery.rs`) or passt keeps exiting,
+//! and runs the one stop sequence: ask the guest to power off, then the VMM's orderly stop on
+//! its API socket, then SIGKILL; passt goes after the VMM.
 
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::guest;
+use super::recovery::{Decision, Recovery};
 use super::shared::{Command, Shared};
 use crate::chain;
 use crate::config::{self, Config};
@@ -48,6 +49,7 @@ pub enum StartError {
 struct Vm {
     child: Child,
     run: u64,
+    started: Instant,
     guest: JoinHandle<()>,
     /// passt, the VM's network.
     net: passt::Supervisor,
@@ -66,6 +68,8 @@ enum Next {
     Exited(std::io::Result<ExitStatus>),
     /// passt keeps exiting: the VM stops.
     NetFailed,
+    /// The pause after a crash is over.
+    Recover,
     Command(Option<Command>),
 }
 
@@ -73,19 +77,39 @@ enum Next {
 pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) -> Ended {
     let mut vm: Option<Vm> = None;
     let mut killed = false;
+    let mut recovery = Recovery::default();
+    // What the last crash was, for the state while the VM starts again.
+    let mut last_crash = String::new();
     loop {
-        let next = match vm.as_mut() {
-            Some(running) => tokio::select! {
+        let next = match (vm.as_mut(), recovery.due()) {
+            (Some(running), _) => tokio::select! {
                 status = running.child.wait() => Next::Exited(status),
                 () = running.net.failed() => Next::NetFailed,
                 command = commands.recv() => Next::Command(command),
             },
-            None => Next::Command(commands.recv().await),
+            (None, Some(due)) => tokio::select! {
+                () = tokio::time::sleep_until(due.into()) => Next::Recover,
+                command = commands.recv() => Next::Command(command),
+            },
+            (None, None) => Next::Command(commands.recv().await),
         };
         let command = match next {
             Next::Exited(status) => {
                 if let Some(done) = vm.take() {
-                    exited_unasked(&shared, done, status).await;
+                    let ran_for = done.started.elapsed();
+                    if let Some(crash) = exited_unasked(&shared, done, status).await {
+                        after_crash(&shared, &mut recovery, &crash, ran_for);
+                        last_crash = crash;
+                    }
+                }
+                continue;
+            }
+            Next::Recover => {
+                if let Some(attempt) = recovery.take() {
+                    let reason =
+                        format!("restarting after a crash ({last_crash}), attempt {attempt}");
+                    shared.set_state(VmState::Starting, reason);
+                    vm = start(&shared).await;
                 }
                 continue;
             }
@@ -101,6 +125,8 @@ pub async fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
             },
             Next::Command(Some(command)) => command,
         };
+        // What a user asks for ends a series of restarts after crashes.
+        recovery.reset();
         match command {
             Command::Start => {
                 if vm.is_none() {
@@ -143,6 +169,7 @@ async fn start(shared: &Arc<Shared>) -> Option<Vm> {
             Some(Vm {
                 child,
                 run,
+                started: Instant::now(),
                 guest,
                 net,
                 ports,
@@ -238,8 +265,36 @@ fn keep_previous_console(layout: &Layout) {
     }
 }
 
-/// The VMM exited while nobody asked it to (or while a stop was on its way).
-async fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitStatus>) {
+/// The VM crashed, for `crash`: it starts again after a pause (the state says so, with the
+/// attempt), or stays down after too many crashes.
+fn after_crash(shared: &Shared, recovery: &mut Recovery, crash: &str, ran_for: Duration) {
+    match recovery.crashed(Instant::now(), ran_for) {
+        Decision::Restart { attempt, pause } => {
+            let reason = format!(
+                "restarting after a crash ({crash}), attempt {attempt} in {} s",
+                pause.as_secs()
+            );
+            tracing::warn!("{reason}");
+            shared.set_state(VmState::Starting, reason);
+        }
+        Decision::GiveUp { crashes } => {
+            let reason = format!(
+                "{crash}; stayed down after {crashes} crashes in {} minutes (berth start tries again)",
+                super::recovery::WINDOW.as_secs() / 60
+            );
+            tracing::error!("{reason}");
+            shared.set_state(VmState::Crashed, reason);
+        }
+    }
+}
+
+/// The VMM exited while nobody asked it to (or while a stop was on its way); returns what
+/// crashed it, when it crashed, leaving the state to `after_crash`.
+async fn exited_unasked(
+    shared: &Shared,
+    vm: Vm,
+    status: std::io::Result<ExitStatus>,
+) -> Option<String> {
     let (state, reason) = match status {
         Ok(status) => {
             let exit = vmm::Exit::from_status(status);
@@ -259,7 +314,12 @@ async fn exited_unasked(shared: &Shared, vm: Vm, status: std::io::Result<ExitSta
         }
     };
     finish(shared, vm).await;
+    if state == VmState::Crashed {
+        // after_crash says what comes next: no `crashed` in between for a restart to follow.
+        return Some(reason);
+    }
     shared.set_state(state, reason);
+    None
 }
 
 /// What a run leaves behind goes: the guest task, passt, the sockets.

@@ -2,8 +2,10 @@
 //! for as long as it runs, and drive the VM's state machine (`lifecycle`) from the control
 //! API's requests and from SIGTERM/SIGINT (a quit), until a quit.
 
+mod clock;
 mod guest;
 mod lifecycle;
+mod recovery;
 mod shared;
 
 use std::sync::Arc;

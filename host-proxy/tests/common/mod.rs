@@ -113,7 +113,7 @@ impl Home {
 
     /// Polls the status until its state is `state`.
     pub fn wait_state(&self, state: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let status = get(&self.control(), "/v1/status").json();
             if status["state"] == state {
