@@ -85,8 +85,22 @@ export BERTH_IN_RIG=1 BERTH_RIG_SCRATCH="$scratch" TMPDIR=/tmp HOSTNAME=berth-ri
 hostname berth-rig 2>/dev/null
 cd "$(cat "$scratch/cwd")" 2>/dev/null || cd /
 
+# The test host's look at itself every 20 s, for run-in-rig.sh: its processes and where each
+# sleeps. A file that stops changing means the test host stopped running programs (frozen); a
+# fresh one on a timeout shows what the command was stuck in.
+(
+  while :; do
+    {
+      echo "uptime $(cut -d' ' -f1 /proc/uptime) s, $(grep -E '^MemAvailable' /proc/meminfo | tr -s ' ')"
+      ps -eo pid,ppid,stat,wchan:24,etimes,args --sort=pid 2>/dev/null | grep -v -e ' \[' -e ' ps -eo' | cut -c1-220
+    } > "$scratch/watch.tmp" 2>/dev/null && mv -f "$scratch/watch.tmp" "$scratch/watch"
+    sleep 20
+  done
+) < /dev/null > /dev/null 2>&1 &
+watch_pid=$!
 bash "$scratch/cmd" < /dev/null
 status=$?
+kill "$watch_pid" 2>/dev/null
 if [ "$status" != 0 ]; then
   # The console shows only critical kernel messages (loglevel=3); on a failure show the rest.
   dmesg --level=err,warn 2>/dev/null | grep -v -e 'RSDP' -e "support for 'kvm_intel'" \

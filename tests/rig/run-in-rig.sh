@@ -19,7 +19,10 @@
 # A test host that dies without the command's status is booted again, up to three boots; each
 # repeat warns on stderr and, when $BERTH_RETRY_LOG names a file, is recorded there as a
 # `test-host death` (tests/rig/retries.sh) of WHAT (--name; default: the command), with QEMU's
-# status and what the test host's console showed last.
+# status and what the test host's console showed last. So is one that froze: rig-init.sh writes
+# the test host's process list to the scratch directory every 20 s, and when that stops for
+# BERTH_RIG_FREEZE_S (240) seconds nothing inside is running any more. On a timeout that list
+# is printed, showing where the command was stuck.
 #
 # Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
 # kernel-config/build-kernel.sh test-host), BERTH_RIG_MEMORY, BERTH_RIG_CPUS, BERTH_RIG_TIMEOUT,
@@ -138,6 +141,21 @@ for i in "${!shares[@]}"; do
   )
 done
 
+# A test host whose self-watch (rig-init.sh) is this many seconds old has frozen.
+freeze_after=${BERTH_RIG_FREEZE_S:-240}
+# watch_age: seconds since the test host last wrote $scratch/watch; 0 before its first.
+watch_age() {
+  local written
+  written=$(stat -c %Y "$scratch/watch" 2>/dev/null) || { echo 0; return; }
+  echo $(($(date +%s) - written))
+}
+# show_watch: the test host's last look at its processes, for a run that hung.
+show_watch() {
+  [ -f "$scratch/watch" ] || { echo "run-in-rig: the test host never reported its processes" >&2; return; }
+  echo "run-in-rig: the test host's processes $(watch_age) s before it was killed:" >&2
+  sed 's/^/run-in-rig:   /' "$scratch/watch" >&2
+}
+
 # One boot of the test host; sets $elapsed, returns 0 with $scratch/status written, 124 on
 # timeout, 125 when the test host stopped without the command's status. Its console goes to
 # stdout and, for the evidence of a death, to $console (this boot's only).
@@ -152,10 +170,18 @@ boot_test_host() {
     -kernel "$kernel" -append "$append" "${fs_args[@]}" < /dev/null &
   qemu_pid=$!
 
-  local timed_out=0 deadline=$((SECONDS + timeout))
+  local timed_out=0 frozen=0 deadline=$((SECONDS + timeout)) tick=0
+  rm -f "$scratch/watch"
   while kill -0 "$qemu_pid" 2>/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
       timed_out=1
+    elif [ $((tick += 1)) -ge 20 ]; then
+      tick=0
+      # rig-init.sh rewrites $scratch/watch every 20 s: a stale one is a test host that stopped
+      # running programs, which no deadline inside it can end.
+      [ "$(watch_age)" -lt "$freeze_after" ] || frozen=1
+    fi
+    if [ "$timed_out" = 1 ] || [ "$frozen" = 1 ]; then
       kill "$qemu_pid" 2>/dev/null || true
       sleep 2
       kill -9 "$qemu_pid" 2>/dev/null || true
@@ -168,6 +194,7 @@ boot_test_host() {
   qemu_pid=
   elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
   [ "$timed_out" = 1 ] && return 124
+  [ "$frozen" = 1 ] && return 126
   [ -f "$scratch/status" ] || return 125
   return 0
 }
@@ -182,7 +209,15 @@ while :; do
   boot_test_host || result=$?
   if [ "$result" = 124 ]; then
     echo "run-in-rig: timed out after ${timeout}s; the test host was killed" >&2
+    show_watch
     exit 124
+  fi
+  if [ "$result" = 126 ]; then
+    # Everything in the test host sleeping with no timer waking it: seen under TCG with the
+    # nested VM running (ports benchmark, 2026-12-03), the emulator's fault like a death.
+    echo "run-in-rig: WARNING: the test host froze: it has not run its self-watch for $(watch_age) s (${elapsed}s in)" >&2
+    show_watch
+    qemu_status="frozen, self-watch $(watch_age) s old"
   fi
   [ "$result" = 0 ] && break
   if [ "$attempt" -ge 3 ]; then
