@@ -7,8 +7,10 @@
 #   - `docker run --rm IMAGE true`: through the host proxy, and the docker CLI inside the guest;
 #   - API socket throughput: `docker save` of a ~64 MiB image (BERTH_BENCH_SAVE_MIB) through the
 #     proxy, and inside the guest;
-#   - host memory (RSS) of all Berth processes once idle, beside the memory the guest itself
-#     says it uses and the memory it was given.
+#   - host memory (RSS) of all Berth processes once idle, while a container holds 512 MiB, 60 s
+#     after it exited and after the agent's idle reclaim, each beside the memory the guest itself
+#     says it uses; the VMM's own memory outside guest RAM beside Firecracker's 5 MiB; the first
+#     `docker run` after the idle reclaim beside the median before it.
 #   - `docker build` of a multi-stage Dockerfile, cold and warm: through the proxy, and with the
 #     docker CLI (and the same buildx) inside the guest (in the rig only with BERTH_BENCH_BUILD=1).
 # Runs on the VM host: directly with hardware KVM, else inside the nested rig.
@@ -34,6 +36,8 @@ configure_vm() {
   berth config set memory_mib $memory_mib >/dev/null
   berth config set cpus "$cpus" >/dev/null
   berth config set disk_size_gib 8 >/dev/null
+  # Longer than section 5's 60 s wait after its container, so that figure comes before the reclaim.
+  berth config set cmdline_extra "berth.idle_reclaim=90" >/dev/null
 }
 configure_vm
 work=$(mktemp -d)
@@ -53,7 +57,9 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 start_ms() {
   local t0
   t0=$(ms)
-  berth start --timeout 300 --no-docker-context >/dev/null
+  # `|| return`: a command substitution does not inherit `set -e`, and a failed start must not
+  # pass for a fast one (a cold start once "took" 6.8 s: passt had not come up in time).
+  berth start --timeout 300 --no-docker-context >/dev/null || return 1
   echo $(($(ms) - t0))
 }
 # start_breakdown LABEL: a warm `berth start` with where its time goes, from the host's view
@@ -143,7 +149,7 @@ fi
 # An image made offline, and a large one (incompressible) for `docker save`.
 mkdir -p "$work/rootfs/bin"
 cp /bin/busybox "$work/rootfs/bin/busybox"
-for applet in sh true cat wc; do ln -s busybox "$work/rootfs/bin/$applet"; done
+for applet in sh true cat wc test head touch sleep; do ln -s busybox "$work/rootfs/bin/$applet"; done
 tar -C "$work/rootfs" -c . | docker import - bench/busybox >/dev/null
 head -c $((${BERTH_BENCH_SAVE_MIB:-64} << 20)) /dev/urandom > "$work/rootfs/blob"
 tar -C "$work/rootfs" -c . | docker import - bench/large >/dev/null
@@ -151,7 +157,7 @@ rm -f "$work/rootfs/blob"
 
 # 3. docker run --rm true, through the proxy and with the docker CLI inside the guest.
 docker run --rm bench/busybox true # warm-up: the first run loads what later runs find cached
-proxy_runs=$(for _ in $(seq "$runs"); do t0=$(ms); docker run --rm bench/busybox true; echo $(($(ms) - t0)); done)
+proxy_runs=$(for _ in $(seq "$runs"); do t0=$(ms); docker run --rm bench/busybox true || exit 1; echo $(($(ms) - t0)); done)
 # `berth shell` has no exit status: the guest prints a number per successful run, and all of
 # them must be there.
 guest_runs=$(berth shell -- sh -c "for i in \$(seq $runs); do t0=\$(date +%s%3N); docker run --rm bench/busybox true && echo \$((\$(date +%s%3N) - t0)); done" | tr -d '\r' | grep -E '^[0-9]+$' || true)
@@ -169,18 +175,65 @@ read -r _ guest_bytes guest_save <<< "$(printf '%s\n' "$guest_out" | grep '^save
 mibps() { awk -v b="$bytes" -v t="$1" 'BEGIN { printf "%.1f", b / 1048576 / (t / 1000) }'; }
 echo "bench: docker save of $((bytes >> 20)) MiB: through the proxy $(mibps "$proxy_save") MiB/s (${proxy_save} ms), inside the guest $(mibps "$guest_save") MiB/s (${guest_save} ms), proxy/guest throughput $(ratio "$guest_save" "$proxy_save")"
 
-# 5. Host memory once idle, beside what the guest says it uses.
-sleep 10
+# 5. Host memory once idle, beside what the guest says it uses; then while a container holds
+# 512 MiB, and 60 s after it exited (free page reporting gives the freed pages back); then after
+# the agent's idle reclaim of the page cache (berth.idle_reclaim, 90 s idle here), with the first
+# `docker run` after it beside the median of section 3.
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-vmm_kib=0 proxy_kib=0
-for pid in $(pgrep -x berth-vmm || true); do vmm_kib=$((vmm_kib + $(rss "$pid"))); done
-for pid in $(pgrep -x berth-host-prox || true); do proxy_kib=$((proxy_kib + $(rss "$pid"))); done
-[ "$vmm_kib" -gt 0 ] && [ "$proxy_kib" -gt 0 ] || { echo "bench: no running berth-vmm or berth-host-proxy to measure" >&2; exit 1; }
-guest_used_kib=$(berth status --json | awk -F: '/"mem_total_kib"/ { t = $2 + 0 } /"mem_available_kib"/ { a = $2 + 0 } END { print t - a }')
-[ "${guest_used_kib:-0}" -gt 0 ] || { echo "bench: the guest's memory figures are missing from berth status --json" >&2; exit 1; }
-total_kib=$((vmm_kib + proxy_kib))
+vmm_kib=0 proxy_kib=0 total_kib=0 guest_used_kib=0
+# measure: the RSS of every berth-vmm and berth-host-proxy, and the guest's MemTotal - MemAvailable.
+measure() {
+  local pid
+  vmm_kib=0 proxy_kib=0
+  for pid in $(pgrep -x berth-vmm || true); do vmm_kib=$((vmm_kib + $(rss "$pid"))); done
+  for pid in $(pgrep -x berth-host-prox || true); do proxy_kib=$((proxy_kib + $(rss "$pid"))); done
+  [ "$vmm_kib" -gt 0 ] && [ "$proxy_kib" -gt 0 ] || { echo "bench: no running berth-vmm or berth-host-proxy to measure" >&2; exit 1; }
+  guest_used_kib=$(berth status --json | awk -F: '/"mem_total_kib"/ { t = $2 + 0 } /"mem_available_kib"/ { a = $2 + 0 } END { print t - a }')
+  [ "${guest_used_kib:-0}" -gt 0 ] || { echo "bench: the guest's memory figures are missing from berth status --json" >&2; exit 1; }
+  total_kib=$((vmm_kib + proxy_kib))
+}
+sleep 10
+measure
+idle_kib=$total_kib
 echo "bench: host RSS of Berth once idle: $((total_kib >> 10)) MiB (berth-vmm $((vmm_kib >> 10)) MiB, berth-host-proxy $((proxy_kib >> 10)) MiB);" \
   "the guest uses $((guest_used_kib >> 10)) MiB of its ${memory_mib} MiB (MemTotal - MemAvailable); host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+docker run -d --name bench-hold --tmpfs /m:size=600m bench/busybox sh -c 'head -c 536870912 /dev/zero > /m/x && touch /m/done && sleep 3600' >/dev/null
+for _ in $(seq 120); do docker exec bench-hold test -e /m/done 2>/dev/null && break; sleep 1; done
+docker exec bench-hold test -e /m/done || { echo "bench: the container did not fill 512 MiB within 120 s" >&2; exit 1; }
+measure
+echo "bench: host RSS while a container holds 512 MiB: $((total_kib >> 10)) MiB; the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+docker rm -f bench-hold >/dev/null
+sleep 60
+measure
+echo "bench: host RSS 60 s after it exited: $((total_kib >> 10)) MiB, idle before it $((idle_kib >> 10)) MiB, $(((total_kib - idle_kib) >> 10)) MiB above;" \
+  "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+reclaimed=
+for _ in $(seq 150); do
+  reclaimed=$(grep -a "page cache reclaimed" "$BERTH_HOME/logs/console.log" | tail -n 1 || true)
+  [ -n "$reclaimed" ] && break
+  sleep 2
+done
+[ -n "$reclaimed" ] || { echo "bench: the agent did not reclaim the page cache within 300 s of idle" >&2; exit 1; }
+sleep 10 # free page reporting waits ~2 s before it reports what was freed
+measure
+t0=$(ms); docker run --rm bench/busybox true; after_reclaim_run=$(($(ms) - t0))
+echo "bench: after the idle reclaim (${reclaimed#*berth-agent: }): host RSS $((total_kib >> 10)) MiB, idle before it $((idle_kib >> 10)) MiB;" \
+  "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+echo "bench: docker run --rm true right after the idle reclaim ${after_reclaim_run} ms, median before it ${proxy_run} ms, after/before $(ratio "$after_reclaim_run" "$proxy_run")"
+# The VMM's own memory, Firecracker's way: Rss of every mapping in smaps but guest RAM (the
+# anonymous mappings of the guest's sizes: below the 3 GiB MMIO gap and above it).
+vmm_pid=$(pgrep -x berth-vmm | head -n 1)
+low_kib=$(( (memory_mib < 3072 ? memory_mib : 3072) << 10 )) high_kib=$(( (memory_mib > 3072 ? memory_mib - 3072 : 0) << 10 ))
+own_kib=0 ram=0
+while read -r first second _ _ _ path; do
+  case $first in
+    Rss:) [ "$ram" = 1 ] || own_kib=$((own_kib + second)) ;;
+    *-*) [ -n "${first##*[!0-9a-f-]*}" ] || continue
+      size=$(( (16#${first#*-} - 16#${first%-*}) >> 10 ))
+      ram=0; [ -z "$path" ] && { [ "$size" = "$low_kib" ] || [ "$size" = "$high_kib" ]; } && ram=1 ;;
+  esac
+done < "/proc/$vmm_pid/smaps"
+echo "bench: berth-vmm's own memory (smaps Rss outside guest RAM): $((own_kib >> 10)) MiB of its $((vmm_kib >> 10)) MiB RSS; Firecracker's anchor 5 MiB, own/anchor $(ratio "$own_kib" 5120)"
 
 # 6. docker build of a multi-stage Dockerfile (BuildKit), cold (the build cache pruned) and warm
 # (the same build again), through the proxy and with the docker CLI inside the guest. The guest's
@@ -207,7 +260,7 @@ CMD ["cat", "/out"]
 DOCKERFILE
   cp "$BERTH_DOCKER_PLUGINS/docker-buildx" "$work/docker-buildx"
   prune() { docker builder prune -af >/dev/null && { docker rmi bench/built >/dev/null 2>&1 || true; }; }
-  proxy_build() { local t0; t0=$(ms); docker build -q -t bench/built "$bctx" >/dev/null; echo $(($(ms) - t0)); }
+  proxy_build() { local t0; t0=$(ms); docker build -q -t bench/built "$bctx" >/dev/null || return 1; echo $(($(ms) - t0)); }
   prune
   proxy_cold=$(proxy_build)
   proxy_warm=$(proxy_build)

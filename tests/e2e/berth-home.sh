@@ -79,10 +79,12 @@ berth_guest_reset_pattern="VMM exited: the guest (rebooted|crashed|kernel panick
 
 # berth_report_guest_reset PREFIX: when the guest reset itself, prints the line its callers look
 # for, "PREFIX: GUEST-RESET: " and the evidence (the host proxy's line, what the consoles show);
-# else prints nothing and fails.
+# else prints nothing and fails. Lines of the proxy's log up to BERTH_RESETS_AFTER_LINE are
+# skipped (a crash the caller caused on purpose).
 berth_report_guest_reset() {
   local proxy
-  proxy=$(grep -aoE "$berth_guest_reset_pattern" "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null | tail -n 1)
+  proxy=$(tail -n +$((${BERTH_RESETS_AFTER_LINE:-0} + 1)) "$BERTH_HOME/logs/host-proxy.log" 2>/dev/null |
+    grep -aoE "$berth_guest_reset_pattern" | tail -n 1)
   [ -n "$proxy" ] || return 1
   echo "$1: GUEST-RESET: the guest reset itself during the run (no reboot was asked for); host proxy: $proxy;" \
     "$(berth_console_evidence "$BERTH_HOME/logs/console.log.old" "$BERTH_HOME/logs/console.log")"

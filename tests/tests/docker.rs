@@ -1,13 +1,16 @@
 //! The docker CLI on the host drives dockerd in a Berth VM: `berth start`, images made offline,
 //! run/ps/logs/exec/stop/rm, `run -it` through a pty, `berth shell` (exit status, stderr apart,
-//! a pty), `build` FROM scratch, a volume that survives `berth stop` + `berth start`. One
-//! VM-host session runs tests/e2e/docker.sh; this checks every step it reports.
+//! a pty), `build` FROM scratch, the data disk's file shrinking on the host after an image is
+//! removed, the VM started again on its own after a guest kernel panic and after its VMM is
+//! killed, a volume that survives `berth stop` + `berth start`. One VM-host session runs
+//! tests/e2e/docker.sh; this checks every step it reports.
 
 use std::time::Duration;
 
-/// The whole script's limit: a passing run takes 4–6 min in the rig; each `berth start` in it
-/// gives up after 5 min, so a guest that never gets ready still leaves time to print its logs.
-const TIMEOUT: Duration = Duration::from_secs(720);
+/// The whole script's limit: a passing run takes 6–8 min in the rig (three boots: the start and
+/// two crash recoveries); each `berth start` in it gives up after 5 min, so a guest that never
+/// gets ready still leaves time to print its logs.
+const TIMEOUT: Duration = Duration::from_secs(1080);
 
 #[test]
 fn docker_cli_drives_dockerd_in_the_vm() {
@@ -29,9 +32,23 @@ fn docker_cli_drives_dockerd_in_the_vm() {
     expect("shell-tty", "/dev/pts/");
     expect("build", "sha256:");
     expect("run-built", "built-from-scratch");
+    expect("disk-grows", "data.img allocated");
+    expect("disk-shrinks", "after docker image rm");
     // The control API's status document (host-proxy/API.md), as `berth status --json` prints it.
     expect("status-json", "\"state\": \"running\"");
     expect("status-json", "\"protocol_version\"");
+    expect(
+        "crash-panic",
+        "restarting after a crash (the guest kernel panicked",
+    );
+    expect("crash-panic", "attempt 2");
+    expect("crash-panic", "berth-always running true");
+    // The second crash in a row within ten minutes: attempt 3, after a 2 s pause.
+    expect("crash-kill-vmm", "attempt 3");
+    expect("crash-kill-vmm", "berth-always running true");
+    expect("crash-status", "");
+    expect("restart-always", "");
+    expect("writeback-window", "300 100");
     expect("api-not-found", "\"not_found\"");
     expect("api-bad-body", "timeout_secs");
     expect("final-stop", "");
