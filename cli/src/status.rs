@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use berth_host_proxy::config::{self, Artifact, Config};
-use berth_host_proxy::control_api::model::{Settings, Status, VmState, API_VERSION};
+use berth_host_proxy::control_api::model::{BalloonStatus, Settings, Status, VmState, API_VERSION};
 use berth_host_proxy::lock;
 use berth_host_proxy::Layout;
 use serde::Serialize;
@@ -207,6 +207,9 @@ fn print_status(status: &Status) {
                 ),
                 None => println!("memory:     {used} MiB used of {total} MiB"),
             }
+            if let Some(balloon) = &status.balloon {
+                println!("balloon:    {}", balloon_line(balloon));
+            }
             println!(
                 "disk:       {} MiB used of {} MiB",
                 mib(stats.disk_used_kib),
@@ -216,6 +219,35 @@ fn print_status(status: &Status) {
         }
     }
     println!("ports:      {}", ports(status));
+}
+
+/// The balloon: what the host asked back and got, and the guest's own free and cache figures.
+fn balloon_line(balloon: &BalloonStatus) -> String {
+    let asked = if balloon.target_mib == 0 && balloon.actual_mib == 0 {
+        "not inflated".to_string()
+    } else {
+        format!(
+            "the guest gave back {} MiB of the {} MiB asked",
+            balloon.actual_mib, balloon.target_mib
+        )
+    };
+    let mib = |bytes: Option<u64>| bytes.map(|b| b >> 20);
+    let stats = &balloon.stats;
+    let mut reported = Vec::new();
+    if let Some(free) = mib(stats.free_memory_bytes) {
+        reported.push(format!("{free} MiB free"));
+    }
+    if let Some(cache) = mib(stats.disk_caches_bytes) {
+        reported.push(format!("{cache} MiB page cache"));
+    }
+    if let Some(kills) = stats.oom_kills.filter(|&k| k > 0) {
+        reported.push(format!("{kills} OOM kills"));
+    }
+    if reported.is_empty() {
+        asked
+    } else {
+        format!("{asked}; the guest reports {}", reported.join(", "))
+    }
 }
 
 fn human_duration(secs: u64) -> String {
@@ -306,6 +338,7 @@ mod tests {
             pid: 1,
             vmm_pid: None,
             vmm_rss_kib: None,
+            balloon: None,
             state: StateChange {
                 state,
                 reason: Some(reason.into()),
@@ -348,6 +381,31 @@ mod tests {
             "Berth is not running: the VM crashed (the guest kernel panicked)"
         );
         assert!(headline(&status(VmState::Stopped, "")).starts_with("Berth is not running"));
+    }
+
+    #[test]
+    fn the_balloon_line_says_what_was_asked_and_what_the_guest_reports() {
+        let mut balloon = BalloonStatus {
+            target_mib: 0,
+            actual_mib: 0,
+            stats: Default::default(),
+        };
+        assert_eq!(balloon_line(&balloon), "not inflated");
+        balloon.stats.free_memory_bytes = Some(700 << 20);
+        balloon.stats.disk_caches_bytes = Some(12 << 20);
+        balloon.stats.oom_kills = Some(0);
+        assert_eq!(
+            balloon_line(&balloon),
+            "not inflated; the guest reports 700 MiB free, 12 MiB page cache"
+        );
+        balloon.target_mib = 512;
+        balloon.actual_mib = 300;
+        balloon.stats.oom_kills = Some(2);
+        assert_eq!(
+            balloon_line(&balloon),
+            "the guest gave back 300 MiB of the 512 MiB asked; the guest reports 700 MiB free, \
+             12 MiB page cache, 2 OOM kills"
+        );
     }
 
     #[test]

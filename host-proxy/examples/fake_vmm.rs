@@ -13,7 +13,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use berth_machine::{read_message, write_message, DeviceConfig, VmConfig, VmmRequest, VmmResponse};
+use berth_machine::{
+    read_message, write_message, ApiRequest, BalloonRequest, BalloonStats, DeviceConfig, VmConfig,
+    VmmRequest, VmmResponse,
+};
 use berth_protocol::{
     decode_request, read_frame, read_frame_body, write_frame, write_shell_frame, DecodeError,
     Event, Request, Response, ShellFrame, ShellRequest, PROTOCOL_VERSION,
@@ -96,22 +99,38 @@ fn serve_api(path: PathBuf) {
         for stream in listener.incoming() {
             let mut stream = stream.unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
-            while let Ok(Some(request)) = read_message::<VmmRequest>(&mut reader) {
+            while let Ok(Some(request)) = read_message::<ApiRequest>(&mut reader) {
                 match request {
-                    Ok(VmmRequest::Stop) => {
+                    Ok(ApiRequest::Vmm(VmmRequest::Stop)) => {
                         write_message(&mut stream, &VmmResponse::Ack).unwrap();
                         if !mode("stuck-api") {
                             std::thread::sleep(Duration::from_millis(50));
                             std::process::exit(5);
                         }
                     }
-                    Ok(VmmRequest::Ping) => {
+                    Ok(ApiRequest::Vmm(VmmRequest::Ping)) => {
                         let pong = VmmResponse::Pong {
                             pid: std::process::id(),
                             cpus: 1,
                             memory_mib: 256,
                         };
                         write_message(&mut stream, &pong).unwrap();
+                    }
+                    // A guest that gave back 64 MiB of the 256 asked, with two statistics.
+                    Ok(ApiRequest::Balloon(BalloonRequest::BalloonStats)) => {
+                        let status = VmmResponse::BalloonStatus {
+                            target_mib: 256,
+                            actual_mib: 64,
+                            stats: Box::new(BalloonStats {
+                                free_memory_bytes: Some(100 << 20),
+                                disk_caches_bytes: Some(30 << 20),
+                                ..BalloonStats::default()
+                            }),
+                        };
+                        write_message(&mut stream, &status).unwrap();
+                    }
+                    Ok(ApiRequest::Balloon(BalloonRequest::Balloon { .. })) => {
+                        write_message(&mut stream, &VmmResponse::Ack).unwrap();
                     }
                     Err(e) => {
                         let answer = VmmResponse::Unsupported {

@@ -7,13 +7,15 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use berth_machine::{
-    BalloonConfig, DeviceConfig, DiskConfig, VmConfig, VmmExit, VmmRequest, VmmResponse,
-    VsockConfig, DATA_DISK_SERIAL, GUEST_CID, MAX_MESSAGE, ROOT_DISK_SERIAL,
+    ApiRequest, BalloonConfig, BalloonRequest, DeviceConfig, DiskConfig, VmConfig, VmmExit,
+    VmmRequest, VmmResponse, VsockConfig, DATA_DISK_SERIAL, GUEST_CID, MAX_MESSAGE,
+    ROOT_DISK_SERIAL,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use crate::control_api::model::BalloonStatus;
 use crate::layout::Layout;
 use crate::settings::VmSettings;
 
@@ -223,12 +225,13 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Sends one request on the VMM's API socket and reads its answer, within `timeout`.
 pub async fn api_request(
     socket: &Path,
-    request: &VmmRequest,
+    request: impl Into<ApiRequest>,
     timeout: Duration,
 ) -> Result<VmmResponse, Error> {
+    let request = request.into();
     let exchange = async {
         let mut stream = BufReader::new(api_connect(socket).await?);
-        let mut line = serde_json::to_vec(request).map_err(Error::ApiDecode)?;
+        let mut line = serde_json::to_vec(&request).map_err(Error::ApiDecode)?;
         line.push(b'\n');
         stream
             .get_mut()
@@ -253,10 +256,29 @@ pub async fn api_request(
 
 /// Asks the VMM for its orderly stop (it flushes the disks and exits with `VmmExit::Stopped`).
 pub async fn api_stop(socket: &Path, timeout: Duration) -> Result<(), Error> {
-    match api_request(socket, &VmmRequest::Stop, timeout).await? {
+    match api_request(socket, VmmRequest::Stop, timeout).await? {
         VmmResponse::Ack => Ok(()),
         answer => Err(Error::ApiRefused {
             request: "stop",
+            answer,
+        }),
+    }
+}
+
+/// Asks the VMM for its balloon's target, what the guest gave and the guest's statistics.
+pub async fn api_balloon_status(socket: &Path, timeout: Duration) -> Result<BalloonStatus, Error> {
+    match api_request(socket, BalloonRequest::BalloonStats, timeout).await? {
+        VmmResponse::BalloonStatus {
+            target_mib,
+            actual_mib,
+            stats,
+        } => Ok(BalloonStatus {
+            target_mib,
+            actual_mib,
+            stats: *stats,
+        }),
+        answer => Err(Error::ApiRefused {
+            request: "balloon_stats",
             answer,
         }),
     }

@@ -39,6 +39,13 @@ fn the_status_shows_the_hello_exchange_the_guest_stats_and_the_settings() {
     assert_eq!(guest["dockerd"], true);
     assert_eq!(guest["stats"]["mem_total_kib"], 2_000_000);
     assert_eq!(guest["stats"]["load_avg_1m"], "0.42");
+    // The VMM's balloon report (the fake VMM's figures), beside the VMM's RSS.
+    assert!(status["vmm_rss_kib"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(status["balloon"]["target_mib"], 256, "{status}");
+    assert_eq!(status["balloon"]["actual_mib"], 64);
+    assert_eq!(status["balloon"]["stats"]["free_memory_bytes"], 100 << 20);
+    assert_eq!(status["balloon"]["stats"]["disk_caches_bytes"], 30 << 20);
+    assert!(status["balloon"]["stats"].get("oom_kills").is_none());
     let home_dir = home.path("home");
     assert_eq!(status["home"], home_dir.to_str().unwrap());
     assert_eq!(

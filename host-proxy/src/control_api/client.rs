@@ -419,6 +419,7 @@ mod tests {
             pid: 4242,
             vmm_pid: Some(4250),
             vmm_rss_kib: Some(150 << 10),
+            balloon: None,
             state: change(VmState::Running, "dockerd answers"),
             uptime_secs: Some(42),
             home: "/h".into(),

@@ -71,6 +71,10 @@ pub struct Status {
     /// the host cannot tell.
     #[serde(default)]
     pub vmm_rss_kib: Option<u64>,
+    /// The memory balloon as the VMM last reported it; `None` when no VM runs or the VMM has
+    /// not answered.
+    #[serde(default)]
+    pub balloon: Option<BalloonStatus>,
     #[serde(flatten)]
     pub state: StateChange,
     /// Seconds since the VMM of this run started; `None` when no VM runs.
@@ -151,6 +155,17 @@ pub struct GuestStats {
     pub disk_total_kib: u64,
     pub disk_used_kib: u64,
     pub load_avg_1m: String,
+}
+
+/// The balloon (virtio-balloon): the memory the host asked the guest to give back and what it
+/// gave, in MiB, and the guest's latest memory statistics from the balloon's stats queue (bytes
+/// and counts; a figure the guest has not reported is absent). Free page reporting hands back
+/// what the guest frees without the balloon: that shows in `vmm_rss_kib`, not here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatus {
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    pub stats: berth_machine::BalloonStats,
 }
 
 /// One line of `GET /v1/events` (newline-delimited JSON).

@@ -230,6 +230,16 @@ pub async fn refresh(shared: &Shared) {
     let Some(run) = shared.guest_run() else {
         return;
     };
+    // The VMM's balloon report, asked meanwhile: the VMM answers whatever the guest does.
+    let balloon = async {
+        match crate::vmm::api_balloon_status(&shared.vmm_api_socket(), STATUS_WAIT).await {
+            Ok(balloon) => shared.record_balloon(run, Some(balloon)),
+            Err(e) => {
+                tracing::debug!("status: no balloon report from the VMM: {}", chain(&e));
+                shared.record_balloon(run, None);
+            }
+        }
+    };
     let exchange = async {
         let mut connection = hello(shared, run, STATUS_WAIT).await?;
         let health = connection.request(&Request::Health, STATUS_WAIT).await?;
@@ -259,7 +269,8 @@ pub async fn refresh(shared: &Shared) {
         shared.record_stats(run, stats);
         Ok::<(), control::Error>(())
     };
-    match tokio::time::timeout(STATUS_WAIT, exchange).await {
+    let (guest, ()) = tokio::join!(tokio::time::timeout(STATUS_WAIT, exchange), balloon);
+    match guest {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!("status: the guest did not answer: {}", chain(&e)),
         Err(_) => tracing::debug!("status: the guest did not answer within {STATUS_WAIT:?}"),

@@ -14,7 +14,8 @@ use crate::api::MountPolicy;
 use crate::config::{self, Config};
 use crate::control::Hello;
 use crate::control_api::model::{
-    ApiEvent, GuestStats, GuestStatus, Settings, Sockets, StateChange, Status, VmState, API_VERSION,
+    ApiEvent, BalloonStatus, GuestStats, GuestStatus, Settings, Sockets, StateChange, Status,
+    VmState, API_VERSION,
 };
 use crate::layout::Layout;
 use crate::ports::{ForwardedPort, PortEvent};
@@ -78,6 +79,8 @@ struct Inner {
     /// The settings the running VM was started with.
     settings: Option<VmSettings>,
     guest: Option<GuestStatus>,
+    /// The VMM's last balloon report in this run.
+    balloon: Option<BalloonStatus>,
     /// The ports forwarded from the host in this run, oldest first.
     ports: Vec<ForwardedPort>,
 }
@@ -114,6 +117,7 @@ impl Shared {
                 started: None,
                 settings: None,
                 guest: None,
+                balloon: None,
                 ports: Vec::new(),
             }),
             events,
@@ -252,6 +256,7 @@ impl Shared {
         let mut inner = self.lock();
         inner.run += 1;
         inner.guest = None;
+        inner.balloon = None;
         inner.run
     }
 
@@ -278,6 +283,7 @@ impl Shared {
         inner.started = None;
         inner.settings = None;
         inner.guest = None;
+        inner.balloon = None;
         inner.ports.clear();
     }
 
@@ -354,6 +360,13 @@ impl Shared {
         }
     }
 
+    pub fn record_balloon(&self, run: u64, balloon: Option<BalloonStatus>) {
+        let mut inner = self.lock();
+        if inner.run == run && inner.vmm_pid.is_some() {
+            inner.balloon = balloon;
+        }
+    }
+
     /// The current run, when its guest agent has answered `Hello` (worth asking for stats).
     pub fn guest_run(&self) -> Option<u64> {
         let inner = self.lock();
@@ -377,6 +390,7 @@ impl Shared {
             pid: std::process::id(),
             vmm_pid: inner.vmm_pid,
             vmm_rss_kib: inner.vmm_pid.and_then(crate::vmm::rss_kib),
+            balloon: inner.balloon.clone(),
             state: inner.state.clone(),
             uptime_secs: inner.started.map(|s| s.elapsed().as_secs()),
             home: layout.home().to_path_buf(),
@@ -394,6 +408,10 @@ impl Shared {
 
     pub fn vsock(&self) -> PathBuf {
         self.layout.vsock_socket()
+    }
+
+    pub fn vmm_api_socket(&self) -> PathBuf {
+        self.layout.vmm_api_socket()
     }
 }
 
