@@ -7,6 +7,8 @@ set -uo pipefail
 
 # shellcheck source=tests/e2e/berth-home.sh
 . "$(dirname "${BASH_SOURCE[0]}")/berth-home.sh"
+# shellcheck source=tests/e2e/durability.sh
+. "$(dirname "${BASH_SOURCE[0]}")/durability.sh"
 berth_fresh_home berth-e2e-home
 work=$(mktemp -d)
 
@@ -27,7 +29,7 @@ check info docker info --format 'kernel {{.KernelVersion}} driver {{.Driver}} cg
 # An image made offline from Debian's busybox-static: no registry is reachable.
 mkdir -p "$work/rootfs/bin" "$work/rootfs/tmp"
 check busybox cp /bin/busybox "$work/rootfs/bin/busybox" || exit 1
-for applet in sh echo cat sleep tty ls wc sha256sum head; do ln -s busybox "$work/rootfs/bin/$applet"; done
+for applet in sh echo cat sleep tty ls wc sha256sum head dd; do ln -s busybox "$work/rootfs/bin/$applet"; done
 check import sh -c "tar -C '$work/rootfs' -c . | docker import - berth-test/busybox:latest"
 
 check run-rm docker run --rm berth-test/busybox echo hello-from-a-container
@@ -80,6 +82,8 @@ check disk-shrinks sh -c "before=\$('$alloc') && docker image rm berth-test/blob
 
 check status-json berth status --json
 check status-json-running sh -c 'berth status --json | jq -e ".state == \"running\" and .guest.protocol_version == .guest.host_protocol_version and .api_version == 1"'
+# The balloon's stats queue, the guest's own figures through the VMM (every 5 s).
+check balloon-stats sh -c 'for i in $(seq 20); do berth status --json | jq -e ".balloon.stats.free_memory_bytes > 0 and .balloon.stats.total_memory_bytes > 0" >/dev/null && { berth status | grep "^balloon:"; exit 0; }; sleep 1; done; berth status --json | jq .balloon; exit 1'
 
 # berth diagnose of a running VM: every piece there, the guest's among them, and a registry
 # credential in the docker config left out.
@@ -161,7 +165,11 @@ check crash-panic sh -c "berth shell -- sh -c 'echo c > /proc/sysrq-trigger' >/d
 # The proxy's log now holds the panic this script asked for: the guest-reset check at the end
 # looks only after it.
 berth_expected_resets=$(wc -l < "$BERTH_HOME/logs/host-proxy.log")
-check crash-kill-vmm sh -c "pid=\$(berth status --json | jq -r .vmm_pid) && kill -9 \"\$pid\" && echo \"killed the VMM \$pid\" && '$work/recovered' 'the VMM was killed by signal 9'"
+# Then the VMM killed with SIGKILL while a container writes fsync'd records to a volume, three
+# times (tests/e2e/durability.sh): each record whose fsync returned survives, none is torn.
+for round in 1 2 3; do
+  check "crash-kill-vmm-$round" durability_round "$round" "$work/recovered" 'the VMM was killed by signal 9'
+done
 check crash-status sh -c "berth status | tee /dev/stderr | head -n 1 | grep -q 'running'"
 # A second client follows the event stream: a real guest event (dockerd killed, restarted by
 # the agent's supervisor), then the CLI stopping the VM.
@@ -171,6 +179,8 @@ sleep 1
 check kill-dockerd berth shell -- sh -c 'n=0; for p in /proc/[0-9]*; do if [ "$(cat "$p/comm" 2>/dev/null)" = dockerd ]; then kill -9 "${p#/proc/}" && echo "killed dockerd ${p#/proc/}" && n=$((n + 1)); fi; done; [ "$n" -gt 0 ]'
 check dockerd-back sh -c "for i in \$(seq 120); do grep -q '\"daemon_ready\"' '$work/events' && grep -q '\"daemon_exited\"' '$work/events' && docker version >/dev/null 2>&1 && exit 0; sleep 1; done; cat '$work/events'; exit 1"
 check final-stop berth stop
+# Four crashes later, the stopped VM's data disk is clean.
+check data-disk-fsck durability_fsck
 sleep 1
 kill "$events_pid" 2>/dev/null
 wait "$events_pid" 2>/dev/null

@@ -21,7 +21,7 @@
 # `test-host death` (tests/rig/retries.sh) of WHAT (--name; default: the command), with QEMU's
 # status and what the test host's console showed last. So is one that froze: rig-init.sh writes
 # the test host's process list to the scratch directory every 20 s, and when that stops for
-# BERTH_RIG_FREEZE_S (240) seconds nothing inside is running any more. On a timeout that list
+# BERTH_RIG_FREEZE_S (150) seconds nothing inside is running any more. On a timeout that list
 # is printed, showing where the command was stuck.
 #
 # Environment: BERTH_TEST_HOST_KERNEL (its vmlinux or bzImage; default: built or found by
@@ -142,7 +142,7 @@ for i in "${!shares[@]}"; do
 done
 
 # A test host whose self-watch (rig-init.sh) is this many seconds old has frozen.
-freeze_after=${BERTH_RIG_FREEZE_S:-240}
+freeze_after=${BERTH_RIG_FREEZE_S:-150}
 # watch_age: seconds since the test host last wrote $scratch/watch; 0 before its first.
 watch_age() {
   local written
