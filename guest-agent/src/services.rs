@@ -193,9 +193,98 @@ where
 }
 
 /// Splices one host connection to dockerd's socket; closes it if dockerd is not there yet.
-fn serve_docker_api(stream: VsockStream) {
-    let Ok(docker) = UnixStream::connect(daemons::DOCKER_SOCKET) else {
-        return;
-    };
-    let _ = splice::splice(stream, docker);
+fn serve_docker_api(mut stream: VsockStream) {
+    match UnixStream::connect(daemons::DOCKER_SOCKET) {
+        Ok(docker) => {
+            let _ = splice::splice(stream, docker);
+        }
+        // dockerd is not up yet (the VM is starting or restarting after a crash) or is being
+        // restarted by the supervisor: the client gets a 503 it can show, not a closed
+        // connection ("EOF").
+        Err(e) => {
+            let _ = crate::vsock::set_read_timeout(&stream, Some(REQUEST_HEAD_TIMEOUT));
+            let _ = answer_not_ready(&mut stream, &e);
+        }
+    }
+}
+
+/// How long a client refused with a 503 has to send its request head.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most of a refused client's request head read before answering.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// Reads the client's request head (answering before it arrived and closing with it unread
+/// would reset the connection, and the client might never see the answer), then answers 503
+/// with dockerd's JSON error shape, `{"message": ...}`, which the docker CLI prints.
+fn answer_not_ready(
+    client: &mut (impl std::io::Read + std::io::Write),
+    why: &std::io::Error,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while head.len() < MAX_REQUEST_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let message = format!(
+        "dockerd in the Berth VM is not ready yet (connect to {}: {why}); try again in a few \
+         seconds, or see `berth logs --source dockerd`",
+        daemons::DOCKER_SOCKET
+    );
+    let body = serde_json::json!({ "message": message }).to_string();
+    let mut response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head.starts_with(b"HEAD ") {
+        response.push_str(&body);
+    }
+    client.write_all(response.as_bytes())?;
+    client.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// What a client sees when dockerd's socket is missing: its request read, then a 503 with
+    /// a JSON message (no body for HEAD).
+    fn refused(request: &[u8]) -> String {
+        let (mut client, mut agent) = UnixStream::pair().unwrap();
+        client.write_all(request).unwrap();
+        let why = std::io::Error::from(std::io::ErrorKind::NotFound);
+        answer_not_ready(&mut agent, &why).unwrap();
+        drop(agent);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn a_client_gets_a_503_with_a_message_while_dockerd_is_not_up() {
+        let answer = refused(b"GET /v1.45/containers/json HTTP/1.1\r\nHost: docker\r\n\r\n");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        let message = json["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                "dockerd in the Berth VM is not ready yet (connect to /var/run/docker.sock:"
+            ),
+            "{message}"
+        );
+        let answer = refused(b"HEAD /_ping HTTP/1.1\r\nHost: docker\r\n\r\n");
+        assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+    }
 }
