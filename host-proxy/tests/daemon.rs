@@ -265,7 +265,11 @@ fn a_crash_is_restarted_with_backoff_until_five_then_reported_and_the_daemon_kee
 
     let response = docker_ping(&home.path("home/run/docker.sock")).unwrap();
     assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
-    assert!(response.contains("Berth VM is not running"), "{response}");
+    assert!(
+        response.contains("the Berth VM crashed (the guest kernel panicked")
+            && response.contains("stayed down after 5 crashes"),
+        "{response}"
+    );
     assert!(!home.path("home/run/vsock.sock").exists());
 
     // crashed -> starting on a start, which begins a new series: five more crashes.

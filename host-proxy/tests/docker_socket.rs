@@ -245,6 +245,7 @@ fn rig_with(connect_timeout: Duration, mounts: MountPolicy) -> (Rig, tokio::task
         vsock: vsock.clone(),
         connect_timeout,
         mounts,
+        state: None,
     });
     let server = tokio::spawn(async move { api.serve(forwarder).await });
     (

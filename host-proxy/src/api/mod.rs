@@ -19,6 +19,7 @@ use berth_protocol::DOCKER_API_PORT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::control_api::model::{StateChange, VmState};
 use crate::hybrid::{self, ConnectError};
 
 /// How long a client that gets a 503 has to send its request head.
@@ -37,8 +38,11 @@ pub enum Error {
     },
 }
 
+/// Where the VM's lifecycle is at this moment, for the 503's message.
+pub type StateProbe = Arc<dyn Fn() -> StateChange + Send + Sync>;
+
 /// Where client connections go.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Forwarder {
     /// The VMM's hybrid vsock socket.
     pub vsock: PathBuf,
@@ -46,6 +50,20 @@ pub struct Forwarder {
     pub connect_timeout: Duration,
     /// Which host paths containers may bind-mount.
     pub mounts: MountPolicy,
+    /// The lifecycle's state, so that a client refused while the VM restarts after a crash is
+    /// told so; `None` where no lifecycle runs (the message then goes by the error alone).
+    pub state: Option<StateProbe>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("vsock", &self.vsock)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("mounts", &self.mounts)
+            .field("state", &self.state.as_ref().map(|probe| probe()))
+            .finish()
+    }
 }
 
 /// The listening Docker socket; removed on drop unless another process has replaced it.
@@ -138,21 +156,54 @@ pub async fn forward(client: UnixStream, forwarder: &Forwarder) {
         },
         Err(e) => {
             tracing::info!("docker client answered 503: {e}");
-            answer_unavailable(client, &e).await;
+            let state = forwarder.state.as_ref().map(|probe| probe());
+            let message = unavailable_message(&e, state.as_ref());
+            answer_unavailable(client, &message).await;
         }
     }
 }
 
-/// The message a Docker client shows ("Error response from daemon: ...").
-pub fn unavailable_message(err: &ConnectError) -> String {
-    if err.vmm_down() {
-        "the Berth VM is not running: start it with `berth start`".into()
-    } else {
-        format!(
+/// The message a Docker client shows ("Error response from daemon: ..."): what the lifecycle
+/// is doing when it is known, else what the failed connection says.
+pub fn unavailable_message(err: &ConnectError, state: Option<&StateChange>) -> String {
+    let reason = |state: &StateChange| {
+        state
+            .reason
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    };
+    match state {
+        Some(s) if s.state == VmState::Starting => {
+            let what = match s.reason.as_deref() {
+                Some(r) if r.starts_with("restarting after a crash") => {
+                    format!("the Berth VM is {r}")
+                }
+                _ => format!("the Berth VM is starting{}", reason(s)),
+            };
+            format!("{what}; try again in a few seconds, or see `berth logs`")
+        }
+        Some(s) if s.state == VmState::Stopping => {
+            format!("the Berth VM is stopping{}", reason(s))
+        }
+        // The reason after five crashes already says that a start tries again.
+        Some(s) if s.state == VmState::Crashed => match s.reason.as_deref() {
+            Some(r) if r.contains("berth start") => format!("the Berth VM crashed{}", reason(s)),
+            _ => format!(
+                "the Berth VM crashed{}: `berth start` starts it again",
+                reason(s)
+            ),
+        },
+        Some(s) if s.state == VmState::Stopped => {
+            "the Berth VM is not running: start it with `berth start`".into()
+        }
+        _ if err.vmm_down() => "the Berth VM is not running: start it with `berth start`".into(),
+        _ => format!(
             "the Berth VM is starting or dockerd in it is not ready yet ({}); \
              try again in a few seconds, or see `berth logs`",
             crate::chain(err)
-        )
+        ),
     }
 }
 
@@ -161,11 +212,11 @@ pub fn unavailable_response(message: &str, head_request: bool) -> Vec<u8> {
     http::json_response("503 Service Unavailable", message, true, head_request)
 }
 
-async fn answer_unavailable(mut client: UnixStream, err: &ConnectError) {
+async fn answer_unavailable(mut client: UnixStream, message: &str) {
     // Read the request first: answering before it arrives, then closing with it unread, makes
     // the kernel reset the client's side and it may never see the answer.
     let head = read_request_head(&mut client).await;
-    let response = unavailable_response(&unavailable_message(err), head.starts_with(b"HEAD "));
+    let response = unavailable_response(message, head.starts_with(b"HEAD "));
     if client.write_all(&response).await.is_err() {
         return;
     }
@@ -193,6 +244,54 @@ async fn read_request_head(client: &mut UnixStream) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_503_says_what_the_vm_is_doing() {
+        let down = ConnectError::Socket {
+            path: "/h/run/vsock.sock".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        let refused = ConnectError::Refused { port: 2375 };
+        let at = |state, reason: &str| StateChange {
+            state,
+            reason: Some(reason.into()),
+            since_ms: 0,
+        };
+        let restarting = at(
+            VmState::Starting,
+            "restarting after a crash (the guest kernel panicked), attempt 2 in 1 s",
+        );
+        assert_eq!(
+            unavailable_message(&down, Some(&restarting)),
+            "the Berth VM is restarting after a crash (the guest kernel panicked), attempt 2 in \
+             1 s; try again in a few seconds, or see `berth logs`"
+        );
+        assert_eq!(
+            unavailable_message(
+                &refused,
+                Some(&at(VmState::Starting, "waiting for dockerd"))
+            ),
+            "the Berth VM is starting (waiting for dockerd); try again in a few seconds, or see \
+             `berth logs`"
+        );
+        assert_eq!(
+            unavailable_message(&down, Some(&at(VmState::Crashed, "the VMM was killed"))),
+            "the Berth VM crashed (the VMM was killed): `berth start` starts it again"
+        );
+        assert_eq!(
+            unavailable_message(&down, Some(&at(VmState::Stopped, "stopped by the user"))),
+            "the Berth VM is not running: start it with `berth start`"
+        );
+        // No lifecycle to ask: the error decides.
+        assert_eq!(
+            unavailable_message(&down, None),
+            "the Berth VM is not running: start it with `berth start`"
+        );
+        assert!(unavailable_message(&refused, None).contains("nothing listens there yet"));
+        // Running, yet the guest refused: dockerd is being restarted in the guest.
+        let running = at(VmState::Running, "dockerd answers");
+        assert!(unavailable_message(&refused, Some(&running)).contains("not ready yet"));
+    }
 
     #[test]
     fn the_503_is_well_formed_http_with_a_json_message() {

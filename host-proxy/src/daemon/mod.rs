@@ -112,6 +112,10 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
         vsock: layout.vsock_socket(),
         connect_timeout: config.connect_timeout,
         mounts: shared.mounts.clone(),
+        state: Some({
+            let shared = shared.clone();
+            Arc::new(move || shared.state())
+        }),
     });
     if config.start {
         shared.ask(Ask::Start, None);
