@@ -156,6 +156,9 @@ SCRIPT
 chmod +x "$work/recovered"
 export BERTH_E2E_WORK=$work
 check restart-always docker run -d --name berth-always --restart=always berth-test/busybox sleep 100000
+# The container the durability rounds write from (tests/e2e/durability.sh), made now so that it
+# too is on the disk before the first crash.
+check durability-writer durability_prepare
 # dockerd does not fsync its record of the container: the guest writes dirty data back within
 # ~4 s (datadisk.rs, shorten_writeback; the kernel's default is 30 s) and ext4 commits its journal
 # every 5 s, so after 15 s it is on the disk and survives the panic.

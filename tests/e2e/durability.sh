@@ -50,14 +50,26 @@ durability_verify() {
   return "$status"
 }
 
-# durability_round R WAIT...: one round (volume berth-durable, file log.R): the writer, the kill
-# after 1-5 s of writing, WAIT... (a command that waits for the VM to run again after the
-# crash), then the records read back and verified. Uses $work for its files.
+# durability_prepare: the container the writers run in, berth-durable with the volume of the
+# same name at /v; --restart=always brings it back with the VM after each kill, so a round
+# needs a `docker exec` (seconds in the rig), not a `docker run`.
+durability_prepare() {
+  docker run -d --name berth-durable --restart=always -v berth-durable:/v berth-test/busybox sleep 1000000 > /dev/null
+}
+
+# durability_round R WAIT...: one round (file log.R on the volume): the writer, the kill after
+# 1-5 s of writing, WAIT... (a command that waits for the VM to run again after the crash),
+# then the records read back and verified. Uses $work for its files.
 durability_round() {
-  local r=$1 out pause pid writer synced i
+  local r=$1 out pause pid writer synced i t0 mountpoint
   shift
   out=$work/durable.$r.out
-  docker run --name "berth-durable-$r" -v berth-durable:/v berth-test/busybox sh -c "
+  t0=$SECONDS
+  for _ in $(seq 120); do
+    [ "$(docker inspect -f '{{.State.Running}}' berth-durable 2>/dev/null)" = true ] && break
+    sleep 1
+  done
+  docker exec berth-durable sh -c "
     i=0
     while :; do
       i=\$((i + 1))
@@ -71,23 +83,27 @@ durability_round() {
     sleep 0.5
   done
   grep -q '^synced' "$out" || { echo "the writer never synced a record:"; cat "$out"; kill "$writer" 2>/dev/null; return 1; }
+  echo "the writer synced its first record $((SECONDS - t0)) s into the round"
   pause=$((RANDOM % 5 + 1))
   sleep "$pause"
   pid=$(berth status --json | jq -r .vmm_pid)
   kill -9 "$pid" || return 1
   echo "killed the VMM $pid after ${pause} s of writing (last the host saw: $(grep -a '^synced' "$out" | tail -n 1))"
+  t0=$SECONDS
   "$@" || return 1
-  # The docker client loses its connection with the VM; give it a minute to notice.
+  echo "running again $((SECONDS - t0)) s after the kill"
+  # The docker client has lost its connection with the VM; give it a minute to notice.
   for _ in $(seq 60); do kill -0 "$writer" 2>/dev/null || break; sleep 1; done
   kill "$writer" 2>/dev/null
   wait "$writer" 2>/dev/null
   # A partial last line can only be a prefix of a larger number: never more than was synced.
   synced=$(tr -d '\r' < "$out" | awk '/^synced [0-9]+$/ { n = $2 } END { print n + 0 }')
-  docker rm -f "berth-durable-$r" > /dev/null 2>&1
   grep -aq "EXT4-fs (vdb): recovery complete" "$BERTH_HOME/logs/console.log" &&
     echo "the data disk's journal was replayed at mount" ||
     echo "the data disk mounted without a journal to replay"
-  docker run --rm -v berth-durable:/v berth-test/busybox cat "/v/log.$r" > "$work/durable.$r.log" || {
+  # Read in the guest, straight from the volume's directory: no container to start.
+  mountpoint=$(docker volume inspect -f '{{.Mountpoint}}' berth-durable) &&
+    berth shell -- cat "$mountpoint/log.$r" > "$work/durable.$r.log" || {
     echo "reading the records back failed"
     return 1
   }
@@ -114,8 +130,9 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   export DOCKER_HOST=unix://$BERTH_HOME/run/docker.sock
   mkdir -p "$work/rootfs/bin"
   cp /bin/busybox "$work/rootfs/bin/busybox"
-  for applet in sh cat dd; do ln -s busybox "$work/rootfs/bin/$applet"; done
+  for applet in sh cat dd sleep; do ln -s busybox "$work/rootfs/bin/$applet"; done
   tar -C "$work/rootfs" -c . | docker import - berth-test/busybox:latest > /dev/null || exit 1
+  durability_prepare || exit 1
   # back: waits for the VM to run again; five crashes in ten minutes leave it down
   # (recovery.rs), and then a start brings it back, as a user would.
   back() {
