@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use virtio_queue::{DescriptorChain, Queue};
+use virtio_vsock::packet::{Error as PacketError, VsockPacket, PKT_HEADER_SIZE};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,7 +24,7 @@ const TX_QUEUE: usize = 1;
 /// The event queue only carries transport resets, which the device never sends.
 const QUEUE_COUNT: usize = 3;
 /// Largest payload one packet may carry (Linux sends at most 64 KiB).
-const MAX_PKT_DATA: u32 = 64 * 1024;
+pub(crate) const MAX_PKT_DATA: u32 = 64 * 1024;
 
 pub struct Vsock {
     guest_cid: u64,
@@ -148,7 +148,7 @@ impl VsockHandler {
             if !muxer.has_rx() {
                 return Served::Later;
             }
-            match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            match rx_packet(mem, &mut chain) {
                 Ok(mut pkt) => {
                     let mut hdr = Header::default();
                     if !muxer.recv_pkt(backends, &mut hdr, pkt.data_slice()) {
@@ -163,6 +163,19 @@ impl VsockHandler {
                 }
             }
         });
+    }
+}
+
+/// The packet an RX chain can hold. The chain's data buffer must not be empty: the muxer reads
+/// host bytes straight into it, and a read of zero bytes means the host closed its side.
+pub(crate) fn rx_packet<'a>(
+    mem: &'a GuestMemory,
+    chain: &mut DescriptorChain<&GuestMemory>,
+) -> Result<VsockPacket<'a, ()>, PacketError> {
+    let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA)?;
+    match pkt.data_slice() {
+        Some(data) if !data.is_empty() => Ok(pkt),
+        _ => Err(PacketError::DescriptorLengthTooSmall),
     }
 }
 
@@ -429,6 +442,48 @@ mod tests {
         let (mut host, _) = listener.accept().unwrap();
         d.send(header(Op::Rw, 2, 5001, 2), b"ok");
         assert_eq!(read_exact_timeout(&mut host, 2), b"ok");
+    }
+
+    /// A zero-length data buffer used to be read into: the read of zero bytes looked like the
+    /// host closing its side, so the guest was told "no more data" and the host's bytes never
+    /// came (found while writing the `vsock_queue` fuzz target).
+    #[test]
+    fn an_empty_rx_data_buffer_is_refused_and_not_taken_for_the_host_closing() {
+        let mut d = Driver::new(1);
+        let listener = UnixListener::bind(d.host_path(5003)).unwrap();
+        d.send(header(Op::Request, 9, 5003, 0), &[]);
+        d.recv_op(Op::Response);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"still here").unwrap();
+
+        // Laid out where `recv` expects the next chain, with no room for data.
+        let hdr_at = d.rx_next;
+        d.rx_next += u64::from(HDR + RX_BUF_LEN);
+        d.rx.add_chain(&[(hdr_at, HDR, WRITE), (hdr_at + u64::from(HDR), 0, WRITE)]);
+        d.rx.notify();
+        let target = d.rx_used_seen + 1;
+        wait_for(
+            || d.rx.mock.used().idx().load() >= target,
+            "the empty buffer to be used",
+        );
+        let elem =
+            d.rx.mock
+                .used()
+                .ring()
+                .ref_at(usize::from(d.rx_used_seen))
+                .unwrap()
+                .load();
+        d.rx_used_seen = target;
+        assert_eq!(
+            elem.len(),
+            0,
+            "a packet was put in a buffer with no room for data"
+        );
+
+        d.add_rx_buffers(1);
+        let (hdr, data) = d.recv_op(Op::Rw);
+        assert_eq!((hdr.src_port, hdr.dst_port), (5003, 9));
+        assert_eq!(data, b"still here");
     }
 
     #[test]
