@@ -2,6 +2,8 @@
 
 pub mod connection;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod muxer;
 pub mod packet;
 

@@ -21,7 +21,7 @@ use berth_errors::Chain;
 
 /// At most this many connections at once; more are refused with a reset.
 pub const MAX_CONNECTIONS: usize = 4096;
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub(crate) const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
