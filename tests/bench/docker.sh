@@ -221,7 +221,8 @@ echo "bench: after the idle reclaim (${reclaimed#*berth-agent: }): host RSS $((t
   "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
 echo "bench: docker run --rm true right after the idle reclaim ${after_reclaim_run} ms, median before it ${proxy_run} ms, after/before $(ratio "$after_reclaim_run" "$proxy_run")"
 # The VMM's own memory, Firecracker's way: Rss of every mapping in smaps but guest RAM (the
-# anonymous mappings of the guest's sizes: below the 3 GiB MMIO gap and above it).
+# anonymous mappings at least as large as the guest's RAM below the 3 GiB MMIO gap, or above
+# it: the kernel may merge a neighbouring anonymous mapping into the guest's, as in the rig).
 vmm_pid=$(pgrep -x berth-vmm | head -n 1)
 low_kib=$(( (memory_mib < 3072 ? memory_mib : 3072) << 10 )) high_kib=$(( (memory_mib > 3072 ? memory_mib - 3072 : 0) << 10 ))
 own_kib=0 ram=0
@@ -230,7 +231,7 @@ while read -r first second _ _ _ path; do
     Rss:) [ "$ram" = 1 ] || own_kib=$((own_kib + second)) ;;
     *-*) [ -n "${first##*[!0-9a-f-]*}" ] || continue
       size=$(( (16#${first#*-} - 16#${first%-*}) >> 10 ))
-      ram=0; [ -z "$path" ] && { [ "$size" = "$low_kib" ] || [ "$size" = "$high_kib" ]; } && ram=1 ;;
+      ram=0; [ -z "$path" ] && { [ "$size" -ge "$low_kib" ] || { [ "$high_kib" -gt 0 ] && [ "$size" -ge "$high_kib" ]; }; } && ram=1 ;;
   esac
 done < "/proc/$vmm_pid/smaps"
 echo "bench: berth-vmm's own memory (smaps Rss outside guest RAM): $((own_kib >> 10)) MiB of its $((vmm_kib >> 10)) MiB RSS; Firecracker's anchor 5 MiB, own/anchor $(ratio "$own_kib" 5120)"
