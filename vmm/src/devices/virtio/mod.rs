@@ -36,6 +36,8 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod epoll_backends;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

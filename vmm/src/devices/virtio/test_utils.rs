@@ -1,7 +1,6 @@
 //! Test harness: real guest memory, a driver-side split queue on it, a device activated on that
 //! queue with a live event loop, and backends watched on a plain epoll.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +9,9 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::event_loop::{self, Backends};
+pub(crate) use super::epoll_backends::EpollBackends;
 use super::{Interrupt, VirtioDevice, INT_USED_RING};
 use crate::memory::GuestMemory;
 
@@ -197,64 +195,5 @@ pub(crate) fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// A backend's fds watched on an epoll of the test's own, with the token as the event data, for
-/// driving a backend (the vsock muxer) without a device event loop.
-pub(crate) struct EpollBackends {
-    pub(crate) epoll: Epoll,
-}
-
-impl EpollBackends {
-    pub(crate) fn new() -> Self {
-        Self {
-            epoll: Epoll::new().unwrap(),
-        }
-    }
-
-    fn ctl(
-        &self,
-        op: ControlOperation,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> std::io::Result<()> {
-        let event = EpollEvent::new(interest, u64::from(token));
-        self.epoll.ctl(op, fd.as_raw_fd(), event)
-    }
-}
-
-impl Backends for EpollBackends {
-    fn add(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> Result<(), event_loop::Error> {
-        self.ctl(ControlOperation::Add, fd, token, interest)
-            .map_err(|source| event_loop::Error::AddBackend {
-                fd: fd.as_raw_fd(),
-                token,
-                source,
-            })
-    }
-
-    fn modify(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> Result<(), event_loop::Error> {
-        self.ctl(ControlOperation::Modify, fd, token, interest)
-            .map_err(|source| event_loop::Error::ModifyBackend {
-                fd: fd.as_raw_fd(),
-                token,
-                source,
-            })
-    }
-
-    fn remove(&mut self, fd: BorrowedFd<'_>, token: u32) {
-        let _ = self.ctl(ControlOperation::Delete, fd, token, EventSet::empty());
     }
 }

@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -22,12 +21,12 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, VolatileSlice};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EpollEvent;
 
 use super::device::{rx_packet, MAX_PKT_DATA};
 use super::muxer::{Muxer, FIRST_LOCAL_PORT};
 use super::packet::{Header, Op, HOST_CID, SHUTDOWN_SEND, VSOCK_TYPE_STREAM};
-use crate::devices::virtio::event_loop::{self, Backends};
+use crate::devices::virtio::epoll_backends::EpollBackends;
 use crate::devices::virtio::net::fuzzing::{queue_from, Input};
 use crate::memory::GuestMemory;
 
@@ -78,63 +77,6 @@ fn scratch() -> &'static Scratch {
             .expect("a fresh listener can be made nonblocking");
         Scratch { dir, listener }
     })
-}
-
-/// The muxer's sockets watched on an epoll of the input's own, as the device's event loop
-/// watches them (the muxer's tokens are the descriptors).
-struct Watched {
-    epoll: Epoll,
-}
-
-impl Watched {
-    fn ctl(
-        &self,
-        op: ControlOperation,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> std::io::Result<()> {
-        self.epoll.ctl(
-            op,
-            fd.as_raw_fd(),
-            EpollEvent::new(interest, u64::from(token)),
-        )
-    }
-}
-
-impl Backends for Watched {
-    fn add(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> Result<(), event_loop::Error> {
-        self.ctl(ControlOperation::Add, fd, token, interest)
-            .map_err(|source| event_loop::Error::AddBackend {
-                fd: fd.as_raw_fd(),
-                token,
-                source,
-            })
-    }
-
-    fn modify(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        token: u32,
-        interest: EventSet,
-    ) -> Result<(), event_loop::Error> {
-        self.ctl(ControlOperation::Modify, fd, token, interest)
-            .map_err(|source| event_loop::Error::ModifyBackend {
-                fd: fd.as_raw_fd(),
-                token,
-                source,
-            })
-    }
-
-    fn remove(&mut self, fd: BorrowedFd<'_>, token: u32) {
-        // Not watched (any more) is what was asked for.
-        let _ = self.ctl(ControlOperation::Delete, fd, token, EventSet::empty());
-    }
 }
 
 /// The host's end of one muxer connection, and what the oracles know about it.
@@ -275,7 +217,7 @@ impl Driver {
 struct Harness {
     scratch: &'static Scratch,
     muxer: Muxer,
-    backends: Watched,
+    backends: EpollBackends,
     tx_mem: GuestMemory,
     tx: Queue,
     rx_mem: GuestMemory,
@@ -297,8 +239,7 @@ impl Harness {
         let event_idx = input.byte() & 1 != 0;
         let (tx_mem, tx) = queue_from(input, event_idx)?;
         let (rx_mem, rx) = queue_from(input, event_idx)?;
-        let epoll = Epoll::new().expect("an epoll for the muxer's sockets");
-        let mut backends = Watched { epoll };
+        let mut backends = EpollBackends::new();
         let mut muxer = Muxer::new(GUEST_CID, &scratch.dir.join("v.sock"))
             .expect("the muxer listens in the scratch directory");
         muxer
