@@ -14,6 +14,8 @@
 //! Free page reporting only hands back free blocks of 2 MiB (the guest's pageblock order), and
 //! the reclaimed pages lie scattered among used ones; so the reclaim is followed by a
 //! compaction (`/proc/sys/vm/compact_memory`), which gathers the free pages into such blocks.
+//! So is a large free at any time (a container that held memory exits: its pages come free
+//! among others still used), at most every half minute (`FreeWatch`).
 
 use std::io::Write;
 use std::path::Path;
@@ -31,6 +33,10 @@ const IDLE_BUSY_FRACTION: f64 = 0.05;
 const KEEP_KIB: u64 = 16 << 10;
 /// Less than this above the floor is not worth a reclaim.
 const MIN_RECLAIM_KIB: u64 = 16 << 10;
+/// A rise in free memory this large between two samples is worth a compaction.
+const FREED_COMPACT_KIB: u64 = 64 << 10;
+/// Compactions for freed memory come at most this often.
+const COMPACT_EVERY: Duration = Duration::from_secs(30);
 
 /// Aggregate CPU times from the `cpu` line of /proc/stat, in clock ticks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +128,46 @@ impl IdleTracker {
         self.done = true;
         true
     }
+}
+
+/// When a large free is worth a compaction: free memory rose by `FREED_COMPACT_KIB` since the
+/// last sample, and the last compaction is `COMPACT_EVERY` old.
+#[derive(Debug, Default)]
+pub struct FreeWatch {
+    last_free_kib: Option<u64>,
+    since_compact: Option<Duration>,
+}
+
+impl FreeWatch {
+    /// One sample, `elapsed` after the previous one; true when a compaction is due now.
+    pub fn observe(&mut self, free_kib: u64, elapsed: Duration) -> bool {
+        let rose = self
+            .last_free_kib
+            .is_some_and(|last| free_kib >= last + FREED_COMPACT_KIB);
+        self.last_free_kib = Some(free_kib);
+        if let Some(since) = self.since_compact.as_mut() {
+            *since += elapsed;
+        }
+        let rested = self
+            .since_compact
+            .is_none_or(|since| since >= COMPACT_EVERY);
+        if rose && rested {
+            self.since_compact = Some(Duration::ZERO);
+            return true;
+        }
+        false
+    }
+}
+
+/// MemFree from /proc/meminfo, in KiB.
+pub fn free_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// How much of `cache` to reclaim: the inactive part, never below the floor, or nothing when
@@ -218,6 +264,7 @@ pub fn spawn(idle_secs: u64) -> std::io::Result<()> {
                 Ok(times) => times,
                 Err(e) => return console::warn(&format!("idle reclaim: {}", console::chain(&e))),
             };
+            let mut freed = FreeWatch::default();
             loop {
                 std::thread::sleep(SAMPLE);
                 let Ok(after) = read_cpu() else { continue };
@@ -227,6 +274,18 @@ pub fn spawn(idle_secs: u64) -> std::io::Result<()> {
                     }
                 }
                 before = after;
+                let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+                if let Some(free) = free_kib(&meminfo) {
+                    if freed.observe(free, SAMPLE) {
+                        match compact(Path::new("/proc/sys/vm/compact_memory")) {
+                            Ok(()) => console::say(&format!(
+                                "{} MiB free: memory compacted for free page reporting",
+                                free >> 10
+                            )),
+                            Err(e) => console::warn(&format!("compaction: {}", console::chain(&e))),
+                        }
+                    }
+                }
             }
         })
         .map(drop)
@@ -316,6 +375,28 @@ mod tests {
             to_reclaim_kib(cache(0, KEEP_KIB + MIN_RECLAIM_KIB - 1)),
             None
         );
+    }
+
+    #[test]
+    fn a_large_free_asks_for_a_compaction_at_most_every_half_minute() {
+        let step = Duration::from_secs(5);
+        let mib = |m: u64| m << 10;
+        let mut w = FreeWatch::default();
+        // The first sample has nothing to compare with; small rises are not worth it.
+        assert!(!w.observe(mib(100), step));
+        assert!(!w.observe(mib(163), step));
+        assert!(!w.observe(mib(100), step));
+        // 64 MiB more free: due.
+        assert!(w.observe(mib(164), step));
+        // Another large free within 30 s waits; after 30 s the next one is due.
+        assert!(!w.observe(mib(100), step));
+        assert!(!w.observe(mib(300), step));
+        for _ in 0..3 {
+            assert!(!w.observe(mib(300), step));
+        }
+        assert!(w.observe(mib(400), step));
+        assert_eq!(free_kib("MemTotal: 9 kB\nMemFree:  1234 kB\n"), Some(1234));
+        assert_eq!(free_kib("MemTotal: 9 kB\n"), None);
     }
 
     #[test]
