@@ -231,21 +231,36 @@ fn read_cache() -> Result<FileCache, Error> {
     file_cache(&text).ok_or(Error::Parse("/proc/meminfo"))
 }
 
-/// One reclaim and compaction, said on the console with the cache before and after.
+/// One idle pass: the reclaim when the inactive cache is worth it, then the compaction either
+/// way (it is what lets the free pages go back); said on the console with the cache's figures.
 fn reclaim_now(idle_after: Duration) -> Result<(), Error> {
     let before = read_cache()?;
-    let Some(kib) = to_reclaim_kib(before) else {
-        return Ok(());
+    let reclaimed = match to_reclaim_kib(before) {
+        Some(kib) => {
+            reclaim(Path::new(crate::cgroups::ROOT), kib)?;
+            true
+        }
+        None => false,
     };
-    reclaim(Path::new(crate::cgroups::ROOT), kib)?;
     compact(Path::new("/proc/sys/vm/compact_memory"))?;
     let after = read_cache()?;
+    let cache = if reclaimed {
+        format!(
+            "page cache reclaimed, {} MiB -> {} MiB (active {} MiB kept)",
+            before.total_kib() >> 10,
+            after.total_kib() >> 10,
+            before.active_kib >> 10
+        )
+    } else {
+        format!(
+            "page cache {} MiB, {} MiB of it inactive: nothing worth reclaiming",
+            before.total_kib() >> 10,
+            before.inactive_kib >> 10
+        )
+    };
     console::say(&format!(
-        "idle for {} s: page cache reclaimed, {} MiB -> {} MiB (active {} MiB kept), memory compacted",
-        idle_after.as_secs(),
-        before.total_kib() >> 10,
-        after.total_kib() >> 10,
-        before.active_kib >> 10
+        "idle for {} s: {cache}; memory compacted",
+        idle_after.as_secs()
     ));
     Ok(())
 }
