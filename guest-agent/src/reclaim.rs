@@ -15,8 +15,7 @@
 //! the reclaimed pages lie scattered among used ones; so the reclaim is followed by a
 //! compaction (`/proc/sys/vm/compact_memory`), which gathers the free pages into such blocks.
 //! So is a large free at any time (a container that held memory exits: its pages come free
-//! among others still used), at most every half minute (`FreeWatch`), and the boot, once the
-//! CPUs first go quiet after it (what the kernel and the daemons freed while starting).
+//! among others still used), at most every half minute (`FreeWatch`).
 
 use std::io::Write;
 use std::path::Path;
@@ -114,7 +113,10 @@ impl IdleTracker {
 
     /// One sample of `elapsed` between `before` and `after`; true when the reclaim is due now.
     pub fn observe(&mut self, before: CpuTimes, after: CpuTimes, elapsed: Duration) -> bool {
-        if !is_idle(before, after) {
+        let total = after.total.saturating_sub(before.total);
+        let busy = after.busy.saturating_sub(before.busy);
+        let idle = total == 0 || (busy as f64) < IDLE_BUSY_FRACTION * total as f64;
+        if !idle {
             self.idle_for = Duration::ZERO;
             self.done = false;
             return false;
@@ -126,13 +128,6 @@ impl IdleTracker {
         self.done = true;
         true
     }
-}
-
-/// Whether the CPUs were idle between two samples.
-pub fn is_idle(before: CpuTimes, after: CpuTimes) -> bool {
-    let total = after.total.saturating_sub(before.total);
-    let busy = after.busy.saturating_sub(before.busy);
-    total == 0 || (busy as f64) < IDLE_BUSY_FRACTION * total as f64
 }
 
 /// When a large free is worth a compaction: free memory rose by `FREED_COMPACT_KIB` since the
@@ -285,20 +280,9 @@ pub fn spawn(idle_secs: u64) -> std::io::Result<()> {
                 Err(e) => return console::warn(&format!("idle reclaim: {}", console::chain(&e))),
             };
             let mut freed = FreeWatch::default();
-            let mut booted = false;
             loop {
                 std::thread::sleep(SAMPLE);
                 let Ok(after) = read_cpu() else { continue };
-                // The first quiet sample after the boot: what starting freed goes back.
-                if !booted && is_idle(before, after) {
-                    booted = true;
-                    match compact(Path::new("/proc/sys/vm/compact_memory")) {
-                        Ok(()) => console::say(
-                            "booted and quiet: memory compacted for free page reporting",
-                        ),
-                        Err(e) => console::warn(&format!("compaction: {}", console::chain(&e))),
-                    }
-                }
                 if tracker.observe(before, after, SAMPLE) {
                     if let Err(e) = reclaim_now(idle_after) {
                         console::warn(&format!("idle reclaim: {}", console::chain(&e)));
