@@ -207,19 +207,32 @@ sleep 60
 measure
 echo "bench: host RSS 60 s after it exited: $((total_kib >> 10)) MiB, idle before it $((idle_kib >> 10)) MiB, $(((total_kib - idle_kib) >> 10)) MiB above;" \
   "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+# guest_cpu: the guest's busy and total CPU ticks (the first line of /proc/stat), as "BUSY TOTAL".
+guest_cpu() {
+  berth shell -- cat /proc/stat | awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t; exit }'
+}
+cpu_before=$(guest_cpu)
 reclaimed=
 for _ in $(seq 150); do
   reclaimed=$(grep -aE "berth-agent: idle for [0-9]+ s: " "$BERTH_HOME/logs/console.log" | tail -n 1 || true)
   [ -n "$reclaimed" ] && break
   sleep 2
 done
-[ -n "$reclaimed" ] || { echo "bench: the agent's idle pass (reclaim, compaction) did not come within 300 s of idle" >&2; exit 1; }
-sleep 10 # free page reporting waits ~2 s before it reports what was freed
-measure
-t0=$(ms); docker run --rm bench/busybox true; after_reclaim_run=$(($(ms) - t0))
-echo "bench: after the idle reclaim (${reclaimed#*berth-agent: }): host RSS $((total_kib >> 10)) MiB, idle before it $((idle_kib >> 10)) MiB;" \
-  "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
-echo "bench: docker run --rm true right after the idle reclaim ${after_reclaim_run} ms, median before it ${proxy_run} ms, after/before $(ratio "$after_reclaim_run" "$proxy_run")"
+if [ -z "$reclaimed" ]; then
+  # The agent's idle threshold is 5% of the CPUs' time (guest-agent/src/reclaim.rs); under the
+  # rig's emulation an idle guest can sit near it. Said, with the figure, not failed: the
+  # reclaim is a saving, not a function that broke.
+  cpu_after=$(guest_cpu)
+  busy=$(awk -v a="$cpu_before" -v b="$cpu_after" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.1f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
+  echo "bench: the agent's idle pass (reclaim, compaction) did not come within 300 s: the guest's CPUs were ${busy}% busy meanwhile (idle is under 5%); no after-reclaim figures this run"
+else
+  sleep 10 # free page reporting waits ~2 s before it reports what was freed
+  measure
+  t0=$(ms); docker run --rm bench/busybox true; after_reclaim_run=$(($(ms) - t0))
+  echo "bench: after the idle reclaim (${reclaimed#*berth-agent: }): host RSS $((total_kib >> 10)) MiB, idle before it $((idle_kib >> 10)) MiB;" \
+    "the guest uses $((guest_used_kib >> 10)) MiB; host RSS/guest used $(ratio "$total_kib" "$guest_used_kib")"
+  echo "bench: docker run --rm true right after the idle reclaim ${after_reclaim_run} ms, median before it ${proxy_run} ms, after/before $(ratio "$after_reclaim_run" "$proxy_run")"
+fi
 # The VMM's own memory, Firecracker's way: Rss of every mapping in smaps but guest RAM (the
 # anonymous mappings at least as large as the guest's RAM below the 3 GiB MMIO gap, or above
 # it: the kernel may merge a neighbouring anonymous mapping into the guest's, as in the rig).
