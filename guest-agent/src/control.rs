@@ -121,15 +121,17 @@ fn stats(guest: &impl Guest) -> Result<Response, Error> {
 
 /// `(MemTotal, MemAvailable)` in KiB from /proc/meminfo text.
 pub fn parse_meminfo(text: &str) -> Result<(u64, u64), Error> {
-    let field = |name: &'static str| {
-        text.lines()
-            .find_map(|line| {
-                let rest = line.strip_prefix(name)?.strip_prefix(':')?;
-                rest.split_whitespace().next()?.parse::<u64>().ok()
-            })
-            .ok_or(Error::Parse("/proc/meminfo", name))
-    };
+    let field =
+        |name: &'static str| meminfo_kib(text, name).ok_or(Error::Parse("/proc/meminfo", name));
     Ok((field("MemTotal")?, field("MemAvailable")?))
+}
+
+/// The figure of field `name` (as `MemFree` or `Active(file)`) in /proc/meminfo text, in KiB.
+pub fn meminfo_kib(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    })
 }
 
 /// The one-minute load average, as the kernel wrote it, from /proc/loadavg text.

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::console;
+use crate::control::meminfo_kib;
 
 /// Seconds of idle CPUs before the cache is reclaimed, unless `berth.idle_reclaim` says.
 pub const DEFAULT_IDLE_SECS: u64 = 60;
@@ -35,6 +36,8 @@ const KEEP_KIB: u64 = 16 << 10;
 const MIN_RECLAIM_KIB: u64 = 16 << 10;
 /// A rise in free memory this large between two samples is worth a compaction.
 const FREED_COMPACT_KIB: u64 = 64 << 10;
+/// Where the kernel is asked for a compaction.
+const COMPACT_MEMORY: &str = "/proc/sys/vm/compact_memory";
 /// Compactions for freed memory come at most this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(30);
 
@@ -82,15 +85,9 @@ impl FileCache {
 
 /// Active(file) and Inactive(file) from /proc/meminfo.
 pub fn file_cache(meminfo: &str) -> Option<FileCache> {
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-    };
     Some(FileCache {
-        active_kib: field("Active(file)")?,
-        inactive_kib: field("Inactive(file)")?,
+        active_kib: meminfo_kib(meminfo, "Active(file)")?,
+        inactive_kib: meminfo_kib(meminfo, "Inactive(file)")?,
     })
 }
 
@@ -161,13 +158,7 @@ impl FreeWatch {
 
 /// MemFree from /proc/meminfo, in KiB.
 pub fn free_kib(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemFree:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    meminfo_kib(meminfo, "MemFree")
 }
 
 /// How much of `cache` to reclaim: the inactive part, never below the floor, or nothing when
@@ -242,7 +233,7 @@ fn reclaim_now(idle_after: Duration) -> Result<(), Error> {
         }
         None => false,
     };
-    compact(Path::new("/proc/sys/vm/compact_memory"))?;
+    compact(Path::new(COMPACT_MEMORY))?;
     let after = read_cache()?;
     let cache = if reclaimed {
         format!(
@@ -292,7 +283,7 @@ pub fn spawn(idle_secs: u64) -> std::io::Result<()> {
                 let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
                 if let Some(free) = free_kib(&meminfo) {
                     if freed.observe(free, SAMPLE) {
-                        match compact(Path::new("/proc/sys/vm/compact_memory")) {
+                        match compact(Path::new(COMPACT_MEMORY)) {
                             Ok(()) => console::say(&format!(
                                 "{} MiB free: memory compacted for free page reporting",
                                 free >> 10
