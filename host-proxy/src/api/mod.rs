@@ -195,10 +195,9 @@ pub fn unavailable_message(err: &ConnectError, state: Option<&StateChange>) -> S
                 reason(s)
             ),
         },
-        Some(s) if s.state == VmState::Stopped => {
+        _ if err.vmm_down() || state.is_some_and(|s| s.state == VmState::Stopped) => {
             "the Berth VM is not running: start it with `berth start`".into()
         }
-        _ if err.vmm_down() => "the Berth VM is not running: start it with `berth start`".into(),
         _ => format!(
             "the Berth VM is starting or dockerd in it is not ready yet ({}); \
              try again in a few seconds, or see `berth logs`",
