@@ -9,6 +9,7 @@ use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use berth_machine::{
@@ -125,7 +126,13 @@ fn files(dir: vmm_sys_util::tempdir::TempDir) -> Files {
     }
 }
 
+/// Held while a test spawns a process or makes its stale socket. Between fork and exec a child
+/// holds a copy of every open descriptor: a stale socket's listener made at that moment would
+/// live on in the other test's child, take this test's connection and reset it at the exec.
+static FORKING: Mutex<()> = Mutex::new(());
+
 fn spawn(config: &Path) -> Child {
+    let _forking = FORKING.lock().unwrap_or_else(|e| e.into_inner());
     Command::new(env!("CARGO_BIN_EXE_berth-vmm"))
         .arg("--config")
         .arg(config)
@@ -191,7 +198,10 @@ fn a_stale_api_socket_is_replaced() {
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/berth-vmm-stale-").unwrap();
     let f = files(dir);
     // What a VMM killed with SIGKILL leaves behind.
-    drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
+    {
+        let _forking = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+        drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
+    }
     let mut vmm = spawn(&f.config);
     let stream = {
         let mut connected = None;
