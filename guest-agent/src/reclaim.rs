@@ -28,8 +28,10 @@ use crate::control::meminfo_kib;
 pub const DEFAULT_IDLE_SECS: u64 = 60;
 /// How often the CPUs' times are sampled.
 const SAMPLE: Duration = Duration::from_secs(5);
-/// Busier than this share of all CPUs' time is not idle.
-const IDLE_BUSY_FRACTION: f64 = 0.05;
+/// Busier than this share of all CPUs' time is not idle. An idle dockerd and containerd cost
+/// well under 1% on hardware but 5–7% under the nested rig's emulation; a build, a pull or a
+/// server under load is far above 10%.
+const IDLE_BUSY_FRACTION: f64 = 0.10;
 /// File cache kept: the hottest pages of what runs.
 const KEEP_KIB: u64 = 16 << 10;
 /// Less than this above the floor is not worth a reclaim.
@@ -348,14 +350,19 @@ mod tests {
             at = next;
             due
         };
-        // 4% busy is idle: due at the third sample, then not again.
+        // 4% and 8% busy are idle: due at the third sample, then not again.
         assert!(!sample(&mut t, 20));
-        assert!(!sample(&mut t, 20));
+        assert!(!sample(&mut t, 40));
         assert!(sample(&mut t, 20));
         assert!(!sample(&mut t, 0));
         assert!(!sample(&mut t, 0));
         // 10% busy re-arms; the idle time counts again from zero.
         assert!(!sample(&mut t, 50));
+        assert!(!sample(&mut t, 0));
+        assert!(!sample(&mut t, 0));
+        assert!(sample(&mut t, 0));
+        // So does 30%.
+        assert!(!sample(&mut t, 150));
         assert!(!sample(&mut t, 0));
         assert!(!sample(&mut t, 0));
         assert!(sample(&mut t, 0));
