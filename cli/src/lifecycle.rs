@@ -13,7 +13,7 @@ use berth_host_proxy::config::{self, Config};
 use berth_host_proxy::control_api::client::{Client, Events};
 use berth_host_proxy::control_api::model::{Accepted, ApiEvent, StopRequest, VmState};
 use berth_host_proxy::lock::{self, Status};
-use berth_host_proxy::{disk, Layout};
+use berth_host_proxy::Layout;
 use rustix::process::{kill_process, Pid, Signal};
 
 use crate::docker::{self, Ping};
@@ -363,19 +363,10 @@ fn stop_in(layout: &Layout, args: &StopArgs) -> anyhow::Result<()> {
 
 /// Refuses a disk size below the existing data disk's.
 pub fn check_disk_not_shrunk(size_gib: u64) -> anyhow::Result<()> {
-    let layout = Layout::from_env()?;
-    let path = layout.data_disk();
-    if let Ok(meta) = std::fs::metadata(&path) {
-        let current = meta.len().div_ceil(disk::GIB);
-        if current > size_gib {
-            bail!(
-                "the data disk {} is {current} GiB: shrinking it to {size_gib} GiB is refused \
-                 (delete it to start over with an empty disk)",
-                path.display()
-            );
-        }
-    }
-    Ok(())
+    Ok(config::check_disk_not_shrunk(
+        &Layout::from_env()?,
+        size_gib,
+    )?)
 }
 
 fn pid_suffix(pid: Option<u32>) -> String {

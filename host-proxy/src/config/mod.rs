@@ -90,6 +90,15 @@ pub enum Invalid {
     DiskTooSmall,
     #[error("disk_size_gib {0} is beyond any real disk")]
     DiskTooLarge(u64),
+    #[error(
+        "the data disk {} is {current_gib} GiB: shrinking it to {size_gib} GiB is refused \
+         (delete it to start over with an empty disk)", path.display()
+    )]
+    DiskShrink {
+        path: PathBuf,
+        current_gib: u64,
+        size_gib: u64,
+    },
     #[error("{key} must be a whole number, not {value:?}")]
     NotANumber { key: String, value: String },
     #[error("{key}: {value} is not a file")]
@@ -514,6 +523,23 @@ fn existing_file(key: &str, value: &str) -> Result<PathBuf, Invalid> {
         value: value.into(),
         source,
     })
+}
+
+/// Refuses a disk size below that of the data disk the home has (`berth config set` and the
+/// tray's settings ask before they write; a start asks again).
+pub fn check_disk_not_shrunk(layout: &crate::layout::Layout, size_gib: u64) -> Result<(), Invalid> {
+    let path = layout.data_disk();
+    if let Ok(meta) = std::fs::metadata(&path) {
+        let current_gib = meta.len().div_ceil(crate::disk::GIB);
+        if current_gib > size_gib {
+            return Err(Invalid::DiskShrink {
+                path,
+                current_gib,
+                size_gib,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `name` in the directory of the running executable, if it is there.
