@@ -14,6 +14,10 @@
 #   BERTH_RIG_MODE          direct | rig (tests/rig/detect.sh)
 #   BERTH_DOCKER_PLUGINS    docker-compose and docker-buildx from Debian trixie (cli/docker-tools.sh)
 #   BERTH_DOCKER_REGISTRY   trixie's docker-registry binary (the registry test's image)
+#   BERTH_DESKTOP           the desktop app (desktop/, Tauri 2)
+#   BERTH_TAURI_DRIVER      tauri-driver, the WebDriver server that drives it
+#   BERTH_DESKTOP_PYTHON    a python with dbus-next, for the desktop test's tray watcher
+#   BERTH_ARTIFACTS         where tests keep files for CI's record (screenshots), outside the clone
 #   CARGO_TARGET_DIR        where the binaries were built
 #
 # Steps: Debian packages (apt-get update only if one is missing), cargo build of the workspace's
@@ -39,10 +43,14 @@ phase() {
 # busybox-static: the e2e tests and benchmarks make their container images from it (no registry
 # is reachable); bsdutils: `script`, the pseudo-terminal for `docker run -it`; passt: the VM's
 # network; dnsmasq-base, iperf3, inotify-tools: the servers, load and watchers of the network and
-# share tests.
+# share tests. The desktop app (Tauri 2): WebKitGTK, the ayatana indicator and librsvg to build
+# it; Xvfb, a session bus and Debian's WebKitWebDriver to drive it; python3-venv for the test's
+# D-Bus watcher.
 packages=(qemu-system-x86 debootstrap curl jq linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
   xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils
-  passt dnsmasq-base iperf3 inotify-tools patch)
+  passt dnsmasq-base iperf3 inotify-tools patch
+  libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth webkit2gtk-driver
+  dbus-x11 python3-venv)
 # The docker CLI the tests drive: whichever is on PATH, else Debian's (docker.io carries it).
 command -v docker >/dev/null || packages+=(docker.io)
 missing=()
@@ -65,7 +73,7 @@ fi
 target=${CARGO_TARGET_DIR:-$repo/target}
 case "$target" in /*) ;; *) target=$repo/$target ;; esac
 (cd "$repo" && cargo build --release --workspace --bins >&2)
-for bin in berth-vmm berth-agent boot-timer vsock-stress net-probe fs-bench fs-check; do
+for bin in berth-vmm berth-agent boot-timer vsock-stress net-probe fs-bench fs-check berth-desktop; do
   [ -x "$target/release/$bin" ] || die "cargo build did not produce $target/release/$bin"
 done
 phase "cargo build"
@@ -98,6 +106,29 @@ registry=$("$repo/cli/docker-tools.sh" extract docker-registry)/root/usr/bin/doc
 [ -x "$registry" ] || die "trixie's docker-registry package has no $registry"
 phase "docker tools"
 
+# 6. What drives the desktop app in its test: tauri-driver (the WebDriver server Tauri's apps
+# need, from crates.io) and a Python venv with dbus-next (PyPI), the test's StatusNotifier
+# watcher. Each is kept in the cache under its version.
+tauri_driver_version=2.1.0
+tauri_driver=$CACHE/tauri-driver-$tauri_driver_version/bin/tauri-driver
+if [ ! -x "$tauri_driver" ]; then
+  log "building tauri-driver $tauri_driver_version"
+  CARGO_TARGET_DIR=$CACHE/tauri-driver-build cargo install tauri-driver --locked \
+    --version "$tauri_driver_version" --root "$CACHE/tauri-driver-$tauri_driver_version" >&2 ||
+    die "cannot build tauri-driver $tauri_driver_version"
+  rm -rf "$CACHE/tauri-driver-build"
+fi
+dbus_next_version=0.2.3
+desktop_venv=$CACHE/desktop-venv-$dbus_next_version
+if ! "$desktop_venv/bin/python" -c 'import dbus_next' 2>/dev/null; then
+  log "making the desktop test's Python venv (dbus-next $dbus_next_version)"
+  rm -rf "$desktop_venv"
+  python3 -m venv "$desktop_venv" >&2 && "$desktop_venv/bin/pip" install -q "dbus-next==$dbus_next_version" >&2 ||
+    die "cannot make $desktop_venv with dbus-next from PyPI"
+fi
+mkdir -p "$CACHE/artifacts"
+phase "desktop test tools"
+
 # shellcheck source=tests/rig/detect.sh
 . "$repo/tests/rig/detect.sh"
 mode=$(berth_rig_mode)
@@ -118,6 +149,10 @@ env_file=$CACHE/env.sh
   printf 'export BERTH_RIG_RUN=%q\n' "$repo/tests/rig/run-in-rig.sh"
   printf 'export BERTH_RIG_MODE=%q\n' "$mode"
   printf 'export BERTH_DOCKER_PLUGINS=%q\n' "$CACHE/docker-tools/cli-plugins"
+  printf 'export BERTH_DESKTOP=%q\n' "$target/release/berth-desktop"
+  printf 'export BERTH_TAURI_DRIVER=%q\n' "$tauri_driver"
+  printf 'export BERTH_DESKTOP_PYTHON=%q\n' "$desktop_venv/bin/python"
+  printf 'export BERTH_ARTIFACTS=%q\n' "$CACHE/artifacts"
   printf 'export BERTH_DOCKER_REGISTRY=%q\n' "$registry"
 } > "$env_file.tmp"
 mv "$env_file.tmp" "$env_file"

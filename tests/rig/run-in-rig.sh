@@ -8,9 +8,9 @@
 # The test host's root filesystem is this machine's, read-only over virtio-9p, so binaries,
 # kernels, images and tools are at the same paths inside. Writable inside: tmpfs on /tmp, /run,
 # /var/tmp, /dev/shm; a per-run scratch directory ($BERTH_RIG_SCRATCH, removed afterwards); and
-# each --share DIR, at its own path. The command runs with this environment and working
-# directory, BERTH_IN_RIG=1 and TMPDIR=/tmp; its output, and the test host's console, go to
-# stdout as they come.
+# each --share DIR and $BERTH_ARTIFACTS (when set), at their own paths. The command runs with
+# this environment and working directory, BERTH_IN_RIG=1 and TMPDIR=/tmp; its output, and the
+# test host's console, go to stdout as they come.
 #
 # Exit status: the command's; 124 if the rig was killed after --timeout seconds; 125 if the test
 # host stopped without the command's status (it did not boot, or crashed) or the rig could not
@@ -67,6 +67,11 @@ if [ -z "$what" ]; then
   what=${what//"$repo/"/}
   what=${what% }
   [ ${#what} -le 80 ] || what="${what:0:77}..."
+fi
+
+# Where tests keep files for CI's record (tests/setup.sh's BERTH_ARTIFACTS): writable inside.
+if [ -n "${BERTH_ARTIFACTS:-}" ] && [ -d "$BERTH_ARTIFACTS" ]; then
+  shares+=("$(cd "$BERTH_ARTIFACTS" && pwd)")
 fi
 
 # The test host puts tmpfs on /tmp, /var/tmp, /run and /dev/shm; a checkout there (CI may clone
