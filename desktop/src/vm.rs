@@ -23,6 +23,9 @@ use crate::state::Shown;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `berth` CLI's output lines kept for a failed start's message.
 const START_TAIL_LINES: usize = 6;
+/// How long `berth start` may wait for Docker: the window shows the progress meanwhile, and a
+/// start that fails (the VM crashed, the host proxy exited) ends it sooner.
+const START_TIMEOUT_SECS: &str = "900";
 
 /// Something a problem's button does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -297,7 +300,7 @@ async fn berth_start(layout: &Layout) -> Result<(), String> {
          PATH: install Berth's CLI, or start Berth with `berth start`",
     )?;
     let output = tokio::process::Command::new(&cli)
-        .arg("start")
+        .args(["start", "--timeout", START_TIMEOUT_SECS])
         .env("BERTH_HOME", layout.home())
         .stdin(Stdio::null())
         .output()
