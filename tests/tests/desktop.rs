@@ -37,7 +37,7 @@ fn the_desktop_app_starts_berth_lists_and_stops_a_container_and_saves_a_setting(
     expect("cli-stop-shows-in-tray", "nothing enabled meanwhile");
     expect(
         "cli-stop-shows-in-tray",
-        "then 'Berth is not running', Start enabled",
+        "then 'Berth is not running: the host proxy ended' with Start enabled",
     );
     assert!(
         run.output.status.success(),
