@@ -131,16 +131,42 @@ fn files(dir: vmm_sys_util::tempdir::TempDir) -> Files {
 /// live on in the other test's child, take this test's connection and reset it at the exec.
 static FORKING: Mutex<()> = Mutex::new(());
 
-fn spawn(config: &Path) -> Child {
+/// A spawned berth-vmm, killed if the test ends (or fails) with it still running: a failed test
+/// must not leave a VMM spinning its vCPU on the machine.
+struct Vmm(Child);
+
+impl std::ops::Deref for Vmm {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Vmm {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(config: &Path) -> Vmm {
     let _forking = FORKING.lock().unwrap_or_else(|e| e.into_inner());
-    Command::new(env!("CARGO_BIN_EXE_berth-vmm"))
+    Vmm(Command::new(env!("CARGO_BIN_EXE_berth-vmm"))
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap())
 }
 
 #[test]
