@@ -139,11 +139,7 @@ pub fn find() -> Result<PathBuf, Error> {
             Err(Error::Missing { path })
         };
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("passt"))
-        .find(|candidate| candidate.is_file())
-        .ok_or(Error::NotInstalled)
+    crate::config::on_path("passt").ok_or(Error::NotInstalled)
 }
 
 /// How to start passt for one Berth instance.

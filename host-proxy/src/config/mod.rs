@@ -542,6 +542,14 @@ pub fn check_disk_not_shrunk(layout: &crate::layout::Layout, size_gib: u64) -> R
     Ok(())
 }
 
+/// The first `name` in the directories of `$PATH` that is a file.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// `name` in the directory of the running executable, if it is there.
 pub fn sibling_executable(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;

@@ -27,10 +27,7 @@ pub fn fake_vmm() -> PathBuf {
 /// The real passt on `PATH`: the daemon starts one per VM, the tests use it as it is (this
 /// machine has a default route, which passt needs).
 pub fn passt() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("passt"))
-        .find(|p| p.is_file())
+    berth_host_proxy::config::on_path("passt")
         .expect("the daemon tests run the real passt: apt-get install passt")
 }
 
