@@ -204,15 +204,12 @@ struct Diagnosed {
 /// `berth diagnose`: the path of the archive it wrote.
 #[tauri::command]
 async fn diagnose(app: State<'_, App>) -> Result<Diagnosed, String> {
-    let cli = crate::vm::berth_cli()
-        .ok_or("the `berth` command was not found beside this app or on PATH")?;
-    let output = tokio::process::Command::new(&cli)
-        .arg("diagnose")
-        .env("BERTH_HOME", app.berth.layout.home())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+    let (_, output) = crate::vm::run_berth(
+        &app.berth.layout,
+        &["diagnose"],
+        "the `berth` command was not found beside this app or on PATH",
+    )
+    .await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {

@@ -285,27 +285,37 @@ pub fn problem(
 
 /// The `berth` CLI: beside this program, else on `PATH`.
 pub fn berth_cli() -> Option<PathBuf> {
-    berth_host_proxy::config::sibling_executable("berth").or_else(|| {
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("berth"))
-            .find(|p| p.is_file())
-    })
+    berth_host_proxy::config::sibling_executable("berth")
+        .or_else(|| berth_host_proxy::config::on_path("berth"))
 }
 
-/// `berth start`, waited for; a failure is its last output lines.
-async fn berth_start(layout: &Layout) -> Result<(), String> {
-    let cli = berth_cli().ok_or(
-        "Berth is not running and the `berth` command was not found beside this app or on \
-         PATH: install Berth's CLI, or start Berth with `berth start`",
-    )?;
+/// Runs the `berth` CLI with `args` for this home and waits for it; `missing` is what to say
+/// when there is no CLI to run. Returns the CLI's path and what it printed.
+pub async fn run_berth(
+    layout: &Layout,
+    args: &[&str],
+    missing: &str,
+) -> Result<(PathBuf, std::process::Output), String> {
+    let cli = berth_cli().ok_or(missing)?;
     let output = tokio::process::Command::new(&cli)
-        .args(["start", "--timeout", START_TIMEOUT_SECS])
+        .args(args)
         .env("BERTH_HOME", layout.home())
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+    Ok((cli, output))
+}
+
+/// `berth start`, waited for; a failure is its last output lines.
+async fn berth_start(layout: &Layout) -> Result<(), String> {
+    let (cli, output) = run_berth(
+        layout,
+        &["start", "--timeout", START_TIMEOUT_SECS],
+        "Berth is not running and the `berth` command was not found beside this app or on \
+         PATH: install Berth's CLI, or start Berth with `berth start`",
+    )
+    .await?;
     if output.status.success() {
         return Ok(());
     }
