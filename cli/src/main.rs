@@ -67,6 +67,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    berth_errors::abort_on_panic();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Start(args) => lifecycle::start(&args),

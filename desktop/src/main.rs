@@ -22,6 +22,7 @@ mod tray;
 mod vm;
 
 fn main() -> std::process::ExitCode {
+    berth_errors::abort_on_panic();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")

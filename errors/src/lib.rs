@@ -34,6 +34,20 @@ pub fn chain(e: &dyn Error) -> String {
     Chain(e).to_string()
 }
 
+/// Makes a panic on any thread end the whole process, as `panic = "abort"` would: the panic's
+/// message is printed as usual, then the process aborts. The release profile unwinds, so that the
+/// binaries and the tests share one build of every dependency (a test needs unwinding, and with
+/// `abort` cargo built tauri and the rest twice); Berth's long-running processes call this first
+/// thing, so a panicked vCPU, device or proxy thread never leaves a half-working process behind —
+/// whoever supervises it sees it die.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        std::process::abort();
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    berth_errors::abort_on_panic();
     let args = Args::parse();
     match run(args) {
         Ok(code) => ExitCode::from(code),

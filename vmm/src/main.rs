@@ -163,6 +163,7 @@ fn raise_open_file_limit() {
 }
 
 fn main() -> ExitCode {
+    berth_errors::abort_on_panic();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
