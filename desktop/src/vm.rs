@@ -261,6 +261,17 @@ pub fn problem(
             ),
             actions: vec![Remedy::Restart, Remedy::OpenLogs, Remedy::Diagnose],
         }),
+        // The host proxy restarts a crashed VM by itself (with backoff): say so, so that nobody
+        // clicks Start into the middle of it; the crashed boot's console was kept aside.
+        VmState::Starting if reason.starts_with("restarting after a crash") => Some(Problem {
+            title: "Berth's VM crashed and is starting again".into(),
+            detail: format!(
+                "Berth is {reason}; containers with a restart policy come back with it. The \
+                 crashed boot's console is in {}.old",
+                console.display()
+            ),
+            actions: vec![Remedy::OpenLogs, Remedy::Diagnose],
+        }),
         VmState::Stopped if reason.starts_with("cannot start the VM") => Some(Problem {
             title: "Berth cannot start".into(),
             detail: format!("{reason}. Fix that (Settings, or `berth config`), then Start"),
@@ -408,6 +419,24 @@ mod tests {
             problem(&change(VmState::Starting, "booting"), None, &layout),
             None
         );
+
+        let restarting = problem(
+            &change(
+                VmState::Starting,
+                "restarting after a crash (the VMM was killed by signal 9), attempt 2 in 2 s",
+            ),
+            None,
+            &layout,
+        )
+        .unwrap();
+        assert_eq!(restarting.title, "Berth's VM crashed and is starting again");
+        assert_eq!(
+            restarting.detail,
+            "Berth is restarting after a crash (the VMM was killed by signal 9), attempt 2 in 2 \
+             s; containers with a restart policy come back with it. The crashed boot's console \
+             is in /home/u/.berth/logs/console.log.old"
+        );
+        assert_eq!(restarting.actions, [Remedy::OpenLogs, Remedy::Diagnose]);
     }
 
     #[test]
