@@ -14,9 +14,6 @@ use berth_host_proxy::Layout;
 
 /// Environment variable naming the `berth-host-proxy` binary.
 const HOST_PROXY_ENV: &str = "BERTH_HOST_PROXY";
-/// How long one control API call may take (the host proxy answers at once; the VM's work is
-/// followed on the event stream).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a host proxy that holds the instance lock has to open its control socket.
 pub const SOCKET_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
@@ -33,15 +30,14 @@ pub fn client(layout: &Layout) -> Client {
     Client::new(layout.control_socket())
 }
 
-/// `call` bounded by `CALL_TIMEOUT`.
+/// `call` bounded by the client's `CALL_TIMEOUT`, its error said with `what`.
 pub async fn bounded<T>(
     what: &str,
     call: impl Future<Output = Result<T, client::Error>>,
 ) -> anyhow::Result<T> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(answer) => answer.with_context(|| what.to_string()),
-        Err(_) => anyhow::bail!("{what}: the host proxy did not answer within {CALL_TIMEOUT:?}"),
-    }
+    client::bounded(call)
+        .await
+        .with_context(|| what.to_string())
 }
 
 /// Retries `call` while the control socket is not there yet (a host proxy just launched, or
@@ -58,11 +54,10 @@ where
 {
     let deadline = Instant::now() + wait;
     loop {
-        let error = match tokio::time::timeout(CALL_TIMEOUT, call()).await {
-            Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(e @ client::Error::NotRunning { .. })) => e,
-            Ok(Err(e)) => return Err(Unreachable::Refused(e)),
-            Err(_) => return Err(Unreachable::Silent),
+        let error = match client::bounded(call()).await {
+            Ok(answer) => return Ok(answer),
+            Err(e @ client::Error::NotRunning { .. }) => e,
+            Err(e) => return Err(Unreachable::Refused(e)),
         };
         if let Some(child) = child.as_deref_mut() {
             if let Ok(Some(status)) = child.try_wait() {
@@ -81,9 +76,7 @@ where
 pub enum Unreachable {
     /// Nothing listens on the control socket.
     NoSocket(client::Error),
-    /// It accepted the call but did not answer in time.
-    Silent,
-    /// It answered with an error (the API's refusal, a broken exchange).
+    /// It answered with an error (the API's refusal, a broken exchange) or not in time.
     Refused(client::Error),
     /// The host proxy we launched exited; its status in words.
     Exited(String),
@@ -96,9 +89,6 @@ impl Unreachable {
             Unreachable::NoSocket(e) => anyhow::Error::new(e).context(format!(
                 "the host proxy has not opened its control socket within {SOCKET_WAIT:?}"
             )),
-            Unreachable::Silent => {
-                anyhow::anyhow!("the host proxy did not answer within {CALL_TIMEOUT:?}")
-            }
             Unreachable::Refused(e) => anyhow::Error::new(e),
             Unreachable::Exited(status) => anyhow::anyhow!("the host proxy exited ({status})"),
         }

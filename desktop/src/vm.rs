@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use berth_host_proxy::chain;
-use berth_host_proxy::control_api::client::{Client, Error as ClientError};
+use berth_host_proxy::control_api::client::{bounded, Client, Error as ClientError};
 use berth_host_proxy::control_api::model::{StateChange, Status, StopRequest, VmState};
 use berth_host_proxy::ports::ForwardedPort;
 use berth_host_proxy::Layout;
@@ -18,9 +18,6 @@ use serde::Serialize;
 use crate::host;
 use crate::state::Shown;
 
-/// How long one control API call may take (the host proxy answers at once; the VM's work is
-/// followed on the event stream).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `berth` CLI's output lines kept for a failed start's message.
 const START_TAIL_LINES: usize = 6;
 /// How long `berth start` may wait for Docker: the window shows the progress meanwhile, and a
@@ -92,8 +89,8 @@ impl Berth {
     pub async fn status(&self) -> Result<Option<Status>, String> {
         match bounded(self.client.status()).await {
             Ok(status) => Ok(Some(status)),
-            Err(Call::Refused(ClientError::NotRunning { .. })) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(ClientError::NotRunning { .. }) => Ok(None),
+            Err(e) => Err(chain(&e)),
         }
     }
 
@@ -165,8 +162,8 @@ impl Berth {
     pub async fn start(&self) -> Result<(), String> {
         match bounded(self.client.start()).await {
             Ok(_) => Ok(()),
-            Err(Call::Refused(ClientError::NotRunning { .. })) => berth_start(&self.layout).await,
-            Err(e) => Err(e.to_string()),
+            Err(ClientError::NotRunning { .. }) => berth_start(&self.layout).await,
+            Err(e) => Err(chain(&e)),
         }
     }
 
@@ -174,54 +171,24 @@ impl Berth {
         bounded(self.client.stop(&StopRequest::default()))
             .await
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| chain(&e))
     }
 
     /// Restarts a VM that runs or crashed; starts one that does not.
     pub async fn restart(&self) -> Result<(), String> {
         match bounded(self.client.restart(&StopRequest::default())).await {
             Ok(_) => Ok(()),
-            Err(Call::Refused(ClientError::NotRunning { .. })) => berth_start(&self.layout).await,
-            Err(e) => Err(e.to_string()),
+            Err(ClientError::NotRunning { .. }) => berth_start(&self.layout).await,
+            Err(e) => Err(chain(&e)),
         }
     }
 
     /// Stops the VM and ends the host proxy, as `berth stop` does; nothing to do when none runs.
     pub async fn quit(&self) -> Result<(), String> {
         match bounded(self.client.quit(&StopRequest::default())).await {
-            Ok(_) | Err(Call::Refused(ClientError::NotRunning { .. })) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) | Err(ClientError::NotRunning { .. }) => Ok(()),
+            Err(e) => Err(chain(&e)),
         }
-    }
-}
-
-/// A control API call that failed or took too long.
-#[derive(Debug)]
-pub enum Call {
-    Refused(ClientError),
-    TimedOut,
-}
-
-impl std::fmt::Display for Call {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Call::Refused(e) => f.write_str(&chain(e)),
-            Call::TimedOut => write!(
-                f,
-                "Berth's host proxy did not answer within {} s",
-                CALL_TIMEOUT.as_secs()
-            ),
-        }
-    }
-}
-
-pub async fn bounded<T>(
-    call: impl std::future::Future<Output = Result<T, ClientError>>,
-) -> Result<T, Call> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(Call::Refused(e)),
-        Err(_) => Err(Call::TimedOut),
     }
 }
 

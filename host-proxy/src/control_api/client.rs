@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -24,6 +25,9 @@ use super::model::{Accepted, ApiError, ApiEvent, Status, StopRequest, PREFIX};
 pub const SHELL_UPGRADE: &str = "berth-shell";
 /// The longest event line accepted: the host proxy's are a few hundred bytes.
 pub const MAX_EVENT_LINE: usize = 1 << 20;
+/// How long a client waits for one answer (the host proxy answers at once; the VM's work is
+/// followed on the event stream).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +70,19 @@ pub enum Error {
     Upgrade(#[source] hyper::Error),
     #[error("cannot take over the shell connection's socket")]
     TakeOver(#[source] std::io::Error),
+    /// It accepted the call but did not answer in time.
+    #[error("the host proxy did not answer within {} s", CALL_TIMEOUT.as_secs())]
+    TimedOut,
+}
+
+/// `call`, given up after `CALL_TIMEOUT`: a host proxy that hangs is an error like any other,
+/// never a client that hangs with it.
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or(Err(Error::TimedOut))
 }
 
 impl Error {
