@@ -143,6 +143,8 @@ pub struct Changes {
     pub disk_size_gib: Option<String>,
     /// `PATH[:ro|:rw],...`; empty shares nothing.
     pub shares: Option<String>,
+    /// `true`: no `shares` in the file any more, the defaults apply again (with no `shares`).
+    pub shares_default: Option<bool>,
     /// Empty: back to the default.
     pub bind_address: Option<String>,
 }
@@ -152,6 +154,12 @@ pub struct Changes {
 pub fn save(paths: &Paths, changes: &Changes) -> Result<bool, String> {
     let before = Config::load(&paths.config).map_err(|e| chain(&e))?;
     let mut config = before.clone();
+    if changes.shares_default == Some(true) {
+        if changes.shares.is_some() {
+            return Err("shares: either a list of folders or the defaults, not both".into());
+        }
+        config.unset("shares").map_err(|e| chain(&e))?;
+    }
     let fields = [
         ("cpus", &changes.cpus),
         ("memory_mib", &changes.memory_mib),
@@ -321,6 +329,43 @@ mod tests {
         };
         assert_eq!(save(&p, &reset), Ok(true));
         assert_eq!(view(&p).unwrap().bind_address, None);
+    }
+
+    #[test]
+    fn shares_go_from_the_defaults_to_nothing_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        assert!(view(&p).unwrap().shares_default);
+        let nothing = Changes {
+            shares: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(save(&p, &nothing), Ok(true));
+        let v = view(&p).unwrap();
+        assert!(!v.shares_default && v.shares.is_empty(), "{:?}", v.shares);
+        assert!(Config::load(&p.config)
+            .unwrap()
+            .shares()
+            .unwrap()
+            .is_empty());
+
+        let both = Changes {
+            shares: Some("/srv".into()),
+            shares_default: Some(true),
+            ..Default::default()
+        };
+        let written = std::fs::read_to_string(&p.config).unwrap();
+        assert!(save(&p, &both).unwrap_err().contains("not both"));
+        assert_eq!(std::fs::read_to_string(&p.config).unwrap(), written);
+
+        let defaults = Changes {
+            shares_default: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(save(&p, &defaults), Ok(true));
+        let v = view(&p).unwrap();
+        assert!(v.shares_default && !v.shares.is_empty(), "{:?}", v.shares);
+        assert_eq!(save(&p, &defaults), Ok(false), "already the defaults");
     }
 
     #[test]

@@ -869,7 +869,8 @@ const SETTING_FIELDS = [
   { key: 'cpus', input: 'set-cpus', read: (s) => asText(s.cpus) },
   { key: 'memory_mib', input: 'set-memory', read: (s) => asText(s.memory_mib) },
   { key: 'disk_size_gib', input: 'set-disk', read: (s) => asText(s.disk_size_gib) },
-  { key: 'shares', input: 'set-shares', read: (s) => (s.shares_default ? '' : sharesText(s.shares)), normalize: normalizeShares },
+  // The defaults, while they apply, are in the field as a list: clearing it shares nothing.
+  { key: 'shares', input: 'set-shares', read: (s) => sharesText(s.shares), normalize: normalizeShares },
   { key: 'bind_address', input: 'set-bind', read: (s) => asText(s.bind_address) },
 ];
 
@@ -913,12 +914,11 @@ function applySettings(s, keepEdits) {
     if (!keepEdits || !edited) input.value = value;
     settingsState.original[f.key] = fieldValue(f, value);
   }
-  $('set-shares').placeholder = s.shares_default
-    ? `Default: ${sharesText(s.shares) || 'home and temp folders'}`
-    : 'Nothing shared';
+  $('set-shares').placeholder = 'Nothing shared';
   setText($('shares-hint'), s.shares_default
-    ? 'The defaults apply until you enter your own list.'
+    ? 'These are the defaults (your home and temporary folders): edit the list to choose your own, clear it to share nothing.'
     : 'Clear the field to share nothing.');
+  $('shares-use-default').hidden = !!s.shares_default;
   setCheckbox('set-autostart', s.autostart);
   setCheckbox('set-quit-stops', s.quit_stops_vm);
   setText($('config-path'), s.config_path || '—');
@@ -968,6 +968,19 @@ async function saveSettings(event) {
     setSettingsMessage('Nothing changed.', false);
     return;
   }
+  await submitSettings(changes);
+}
+
+/** Back to the default shared folders (no `shares` in the config file); other edits wait. */
+async function useDefaultShares() {
+  if (!settingsState.loaded) return;
+  clearFieldErrors();
+  $('set-shares').value = settingsState.original.shares;
+  await submitSettings({ shares_default: true });
+}
+
+/** Sends `changes` to save_settings; says what happened, then reloads the form. */
+async function submitSettings(changes) {
   const btn = $('settings-save');
   btn.disabled = true;
   btn.textContent = 'Saving…';
@@ -1095,6 +1108,7 @@ function bindLists() {
 
 function bindSettings() {
   $('settings-form').addEventListener('submit', saveSettings);
+  $('shares-use-default').addEventListener('click', useDefaultShares);
   $('settings-form').addEventListener('input', (event) => event.target.classList.remove('invalid'));
   $('restart-now').addEventListener('click', restartFromPrompt);
   $('restart-later').addEventListener('click', () => { $('restart-prompt').hidden = true; });
