@@ -16,7 +16,8 @@
 #   BERTH_DOCKER_REGISTRY   trixie's docker-registry binary (the registry test's image)
 #   BERTH_DESKTOP           the desktop app (desktop/, Tauri 2)
 #   BERTH_TAURI_DRIVER      tauri-driver, the WebDriver server that drives it
-#   BERTH_DESKTOP_PYTHON    a python with dbus-next, for the desktop test's tray watcher
+#   BERTH_DESKTOP_PYTHON    a python with dbus-next and Pillow, for the desktop test's tray watcher
+#                           and its screenshot of the tray menu
 #   BERTH_ARTIFACTS         where tests keep files for CI's record (screenshots), outside the clone
 #   CARGO_TARGET_DIR        where the binaries were built
 #
@@ -45,12 +46,12 @@ phase() {
 # network; dnsmasq-base, iperf3, inotify-tools: the servers, load and watchers of the network and
 # share tests. The desktop app (Tauri 2): WebKitGTK, the ayatana indicator and librsvg to build
 # it; Xvfb, a session bus and Debian's WebKitWebDriver to drive it; python3-venv for the test's
-# D-Bus watcher.
+# D-Bus watcher; trayer (an XEmbed tray), xdotool and xwininfo for its screenshot of the menu.
 packages=(qemu-system-x86 debootstrap curl jq linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio
   xz-utils e2fsprogs make gcc perl util-linux iproute2 busybox-static bsdutils
   passt dnsmasq-base iperf3 inotify-tools patch
   libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth webkit2gtk-driver
-  dbus-x11 python3-venv)
+  dbus-x11 python3-venv trayer xdotool x11-utils)
 # The docker CLI the tests drive: whichever is on PATH, else Debian's (docker.io carries it).
 command -v docker >/dev/null || packages+=(docker.io)
 missing=()
@@ -107,8 +108,8 @@ registry=$("$repo/cli/docker-tools.sh" extract docker-registry)/root/usr/bin/doc
 phase "docker tools"
 
 # 6. What drives the desktop app in its test: tauri-driver (the WebDriver server Tauri's apps
-# need, from crates.io) and a Python venv with dbus-next (PyPI), the test's StatusNotifier
-# watcher. Each is kept in the cache under its version.
+# need, from crates.io) and a Python venv with dbus-next and Pillow (PyPI): the test's
+# StatusNotifier watcher, and its screen grab of the tray menu. Each is kept in the cache under its version.
 tauri_driver_version=2.1.0
 tauri_driver=$CACHE/tauri-driver-$tauri_driver_version/bin/tauri-driver
 if [ ! -x "$tauri_driver" ]; then
@@ -119,12 +120,14 @@ if [ ! -x "$tauri_driver" ]; then
   rm -rf "$CACHE/tauri-driver-build"
 fi
 dbus_next_version=0.2.3
-desktop_venv=$CACHE/desktop-venv-$dbus_next_version
-if ! "$desktop_venv/bin/python" -c 'import dbus_next' 2>/dev/null; then
-  log "making the desktop test's Python venv (dbus-next $dbus_next_version)"
+pillow_version=13.0.0
+desktop_venv=$CACHE/desktop-venv-$dbus_next_version-pillow-$pillow_version
+if ! "$desktop_venv/bin/python" -c 'import dbus_next, PIL.ImageGrab' 2>/dev/null; then
+  log "making the desktop test's Python venv (dbus-next $dbus_next_version, Pillow $pillow_version)"
   rm -rf "$desktop_venv"
-  python3 -m venv "$desktop_venv" >&2 && "$desktop_venv/bin/pip" install -q "dbus-next==$dbus_next_version" >&2 ||
-    die "cannot make $desktop_venv with dbus-next from PyPI"
+  python3 -m venv "$desktop_venv" >&2 &&
+    "$desktop_venv/bin/pip" install -q "dbus-next==$dbus_next_version" "Pillow==$pillow_version" >&2 ||
+    die "cannot make $desktop_venv with dbus-next and Pillow from PyPI"
 fi
 mkdir -p "$CACHE/artifacts"
 phase "desktop test tools"

@@ -95,6 +95,21 @@ class Tray:
             time.sleep(0.1)
         return self.registered[0]
 
+    def leave(self):
+        """The watcher goes away, as when a shell's panel quits: the app's indicator falls back to
+        an XEmbed tray icon (xtray.py shows that one)."""
+        self._call(self.bus.release_name(WATCHER))
+
+    def come_back(self, timeout):
+        """The watcher is back; waits until the item registers with it again."""
+        before = len(self.registered)
+        self._call(self.bus.request_name(WATCHER))
+        deadline = time.monotonic() + timeout
+        while len(self.registered) == before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the tray item did not register again within {timeout} s")
+            time.sleep(0.1)
+
     async def _proxy(self, name, path, interface):
         introspection = await self.bus.introspect(name, path)
         obj = self.bus.get_proxy_object(name, path, introspection)

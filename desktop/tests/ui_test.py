@@ -7,7 +7,9 @@ awaited; a container started with the docker CLI appears with its published port
 from the window; a setting is changed there and found in the config file. The tray through
 D-Bus, as a desktop shell drives it (tray.py): the menu's items and which are enabled per state,
 a click on Settings… that the window follows, and a stop made with the `berth` CLI showing in
-the menu, timed against the host proxy's own time stamp of the change.
+the menu, timed against the host proxy's own time stamp of the change; the menu as GTK draws it,
+screenshotted in an XEmbed tray (xtray.py). The VMM killed with SIGKILL: the window and the tray
+say Berth restarts after a crash, then it runs again.
 
 Prints `ok NAME (N s)` or `FAIL NAME (...)` per step, with indented details, for
 tests/tests/desktop.rs; screenshots go to $BERTH_E2E_SHOTS."""
@@ -23,8 +25,11 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tray import Tray  # noqa: E402
 from webdriver import Session  # noqa: E402
+import xtray  # noqa: E402
 
 APP = os.environ["BERTH_DESKTOP"]
+# The app's X windows are named after its executable.
+APP_NAME = os.path.basename(APP)
 DRIVER = os.environ["BERTH_TAURI_DRIVER"]
 SHOTS = os.environ["BERTH_E2E_SHOTS"]
 CONFIG = os.environ["BERTH_CONFIG"]
@@ -111,7 +116,12 @@ def main():
             label, enabled = tray.wait_item(5) and menu_state(tray)
             assert label.startswith("Berth is running"), label
             assert not enabled["Start"] and enabled["Stop"] and enabled["Restart"], enabled
-            return f"menu first line {label!r}; icon {tray.item()['IconName']}"
+            icon = tray.item()["IconName"]
+            shot = os.path.join(SHOTS, "tray-menu-running.png")
+            geometry = xtray.menu_screenshot(tray, APP_NAME, shot)
+            label, _ = menu_state(tray)
+            assert label.startswith("Berth is running"), f"after the screenshot: {label}"
+            return f"menu first line {label!r}; icon {icon}\nscreenshot of the menu (XEmbed fallback) at {geometry}"
         step("tray-menu-running", tray_menu_running)
 
         def container_from_cli_listed():
@@ -154,7 +164,23 @@ def main():
             with open(CONFIG) as f:
                 assert f.read() == config, "a bad value changes nothing"
             s.screenshot(os.path.join(SHOTS, "dashboard-settings.png"))
-            return f"saved: {message!r}\nbad cpus: {error!r}\nconfig file:\n{config}"
+            # From the default shared folders to none, and back.
+            s.type("#set-cpus", re.search(r"^cpus = (\d+)$", config, re.M).group(1))
+            defaults = s.attribute("#set-shares", "value")
+            assert defaults and not s.displayed("#shares-use-default"), (defaults, "the defaults are in the field")
+            s.type("#set-shares", "")
+            s.click("#settings-save")
+            s.wait("the Use the defaults button", lambda: s.displayed("#shares-use-default"), 30)
+            with open(CONFIG) as f:
+                nothing = f.read()
+            assert re.search(r"^shares = \[\]$", nothing, re.M), nothing
+            s.click("#shares-use-default")
+            s.wait("the defaults back in the field", lambda: s.attribute("#set-shares", "value") == defaults, 30)
+            with open(CONFIG) as f:
+                back = f.read()
+            assert "shares" not in back, back
+            return (f"saved: {message!r}\nbad cpus: {error!r}\nconfig file:\n{config}\n"
+                    f"shares: the defaults {defaults!r}, cleared: 'shares = []' in the file, 'Use the defaults': no shares key")
         step("setting-saved-to-config-file", setting_changed)
 
         def tray_opens_settings():
@@ -164,6 +190,28 @@ def main():
             s.wait("the tray's Settings… to show the settings view", lambda: s.displayed("#view-settings"), 30)
             return "the dashboard switched to its settings view"
         step("tray-settings-clicked", tray_opens_settings)
+
+        def vmm_killed_app_says_restarting():
+            s.click("#tab-overview")
+            pid = status()["vmm_pid"]
+            os.kill(pid, 9)
+            reason = s.wait("the dashboard to say Berth restarts after a crash",
+                            lambda: s.text("#state") == "starting" and "restarting after a crash" in s.text("#reason")
+                            and s.text("#reason"), 60, every=0.2)
+            title = s.wait("the problem box", lambda: s.displayed("#problem") and s.text("#problem-title"), 30)
+            assert title == "Berth's VM crashed and is starting again", title
+            detail = s.text("#problem-detail")
+            buttons = s.texts("#problem-actions button")
+            label, enabled = menu_state(tray)
+            assert label.startswith("Berth is starting: restarting after a crash (the VMM was killed by signal 9)"), label
+            assert not enabled["Start"] and enabled["Stop"], enabled
+            xtray.menu_screenshot(tray, APP_NAME, os.path.join(SHOTS, "tray-menu-crash-restarting.png"))
+            s.screenshot(os.path.join(SHOTS, "dashboard-crash-restarting.png"))
+            s.wait("the dashboard to say running again", lambda: s.text("#state") == "running", BOOT)
+            s.wait("the problem box to go", lambda: not s.displayed("#problem"), 30)
+            return (f"killed the VMM {pid}; the dashboard said {reason!r}\nproblem: {title!r}: {detail!r}, "
+                    f"buttons {buttons}\ntray: {label!r}\nthen running again, the problem box gone")
+        step("vmm-killed-app-says-restarting", vmm_killed_app_says_restarting)
 
         def cli_stop_shows_in_tray():
             cli = subprocess.Popen(["berth", "stop"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -82,6 +82,11 @@ class Session:
         el = self.find(css)
         return None if el is None else self.call("GET", f"/element/{el}/text")
 
+    def texts(self, css):
+        """The text of every element matching css, in document order."""
+        found = self.call("POST", "/elements", {"using": "css selector", "value": css})
+        return [self.call("GET", f"/element/{el[ELEMENT]}/text") for el in found]
+
     def attribute(self, css, name):
         el = self.find(css)
         return None if el is None else self.call("GET", f"/element/{el}/attribute/{name}")
@@ -101,7 +106,8 @@ class Session:
     def type(self, css, text):
         el = self.element(css)
         self.call("POST", f"/element/{el}/clear", {})
-        self.call("POST", f"/element/{el}/value", {"text": text})
+        if text:  # WebKitWebDriver refuses an empty text: clearing was all
+            self.call("POST", f"/element/{el}/value", {"text": text})
 
     def script(self, source, *args):
         return self.call("POST", "/execute/sync", {"script": source, "args": list(args)})

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-/// One Berth start in the rig (one to three minutes), WebKit's seconds per step there, and the
-/// app's own start (about a minute).
+/// Two Berth starts in the rig (one to three minutes each: Start clicked, then the restart after
+/// the VMM is killed), WebKit's seconds per step there, and the app's own start (about a minute).
 const TIMEOUT: Duration = Duration::from_secs(1200);
 
 #[test]
-fn the_desktop_app_starts_berth_lists_and_stops_a_container_and_saves_a_setting() {
+fn the_desktop_app_starts_berth_lists_and_stops_a_container_saves_a_setting_and_shows_a_crash() {
     let run = berth_tests::run_e2e_script("desktop.sh", TIMEOUT);
     let expect = |name: &str, needle: &str| run.expect(name, needle);
     expect("dashboard-opens", "state 'absent'");
@@ -33,7 +33,27 @@ fn the_desktop_app_starts_berth_lists_and_stops_a_container_and_saves_a_setting(
         "setting-saved-to-config-file",
         "bad cpus: 'cpus must be a whole number",
     );
+    expect(
+        "setting-saved-to-config-file",
+        "cleared: 'shares = []' in the file, 'Use the defaults': no shares key",
+    );
     expect("tray-settings-clicked", "settings view");
+    expect(
+        "tray-menu-running",
+        "screenshot of the menu (XEmbed fallback)",
+    );
+    expect(
+        "vmm-killed-app-says-restarting",
+        "the dashboard said 'restarting after a crash (the VMM was killed by signal 9), attempt",
+    );
+    expect(
+        "vmm-killed-app-says-restarting",
+        "problem: \"Berth's VM crashed and is starting again\"",
+    );
+    expect(
+        "vmm-killed-app-says-restarting",
+        "then running again, the problem box gone",
+    );
     expect("cli-stop-shows-in-tray", "nothing enabled meanwhile");
     expect(
         "cli-stop-shows-in-tray",
