@@ -19,17 +19,20 @@ pub struct Rss {
     pub processes: Vec<Process>,
 }
 
-/// The host proxy `pid` and its children, with their resident memory.
-pub fn rss(pid: u32) -> Option<Rss> {
+/// The host proxy `pid`, its children (the VMM, passt) and `vmm` (named by the status, in case
+/// it is not a child), with their resident memory.
+pub fn rss(pid: u32, vmm: Option<u32>) -> Option<Rss> {
     let mut pids = vec![pid];
     pids.extend(children(pid));
+    pids.extend(vmm.filter(|v| !pids.contains(v)));
     let processes: Vec<Process> = pids
         .into_iter()
         .filter_map(|pid| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
             let (name, kib) = parse_status(&status)?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             Some(Process {
-                name,
+                name: program_name(&cmdline).unwrap_or(name),
                 pid,
                 mib: kib.div_ceil(1024),
             })
@@ -44,23 +47,41 @@ pub fn rss(pid: u32) -> Option<Rss> {
     })
 }
 
+/// The processes whose parent is `pid`, found by their /proc/PID/stat (the kernel's own list,
+/// /proc/PID/task/TID/children, needs CONFIG_PROC_CHILDREN, which not every kernel has).
 fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut children = Vec::new();
-    for task in tasks.flatten() {
-        let path = task.path().join("children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            children.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
+    let mut children: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| parse_ppid(&stat))
+                == Some(pid)
+        })
+        .collect();
     children.sort_unstable();
-    children.dedup();
     children
+}
+
+/// The program's file name from its command line (`Name:` in status stops at 15 bytes:
+/// "berth-host-prox").
+fn program_name(cmdline: &[u8]) -> Option<String> {
+    let argv0 = cmdline.split(|&b| b == 0).next()?;
+    let name = std::path::Path::new(std::str::from_utf8(argv0).ok()?).file_name()?;
+    Some(name.to_str()?.to_string()).filter(|n| !n.is_empty())
+}
+
+/// The parent pid (field 4) of /proc/PID/stat, counted after the command name's last `)`.
+fn parse_ppid(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// `Name:` and `VmRSS:` (KiB) of /proc/PID/status.
@@ -116,11 +137,49 @@ mod tests {
     }
 
     #[test]
-    fn this_process_is_measured() {
+    fn parent_and_program_name_are_read_past_odd_names() {
+        let stat = "4242 (a (weird) name) S 77 4242 4242 0 -1 4194560";
+        assert_eq!(parse_ppid(stat), Some(77));
+        assert_eq!(
+            program_name(b"/usr/libexec/berth/berth-host-proxy\0--home\0/h\0").as_deref(),
+            Some("berth-host-proxy")
+        );
+        assert_eq!(program_name(b""), None);
+    }
+
+    #[test]
+    fn this_process_its_children_and_a_named_vmm_are_measured() {
         let me = std::process::id();
-        let rss = rss(me).unwrap();
-        assert_eq!(rss.processes[0].pid, me);
-        assert!(rss.total_mib > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // PID 1 stands for a VMM that is not a child; the child named as the VMM counts once.
+        let with_other = rss(me, Some(1));
+        let with_child = rss(me, Some(child.id()));
+        child.kill().unwrap();
+        let _ = child.wait();
+        let pids = |r: &Rss| r.processes.iter().map(|p| p.pid).collect::<Vec<u32>>();
+        let with_other = with_other.unwrap();
+        assert_eq!(with_other.processes[0].pid, me);
+        assert!(pids(&with_other).contains(&child.id()), "{with_other:?}");
+        assert!(pids(&with_other).contains(&1), "{with_other:?}");
+        let with_child = with_child.unwrap();
+        assert_eq!(
+            pids(&with_child)
+                .iter()
+                .filter(|&&p| p == child.id())
+                .count(),
+            1,
+            "{with_child:?}"
+        );
+        let sleep = with_child
+            .processes
+            .iter()
+            .find(|p| p.pid == child.id())
+            .unwrap();
+        assert_eq!(sleep.name, "sleep");
+        assert!(with_other.total_mib > 0);
         assert!(cpu_time(me).is_some());
     }
 }

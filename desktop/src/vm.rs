@@ -133,7 +133,7 @@ impl Berth {
                 used_mib: s.mem_total_kib.saturating_sub(s.mem_available_kib) / 1024,
                 total_mib: s.mem_total_kib / 1024,
             }),
-            host_rss: host::rss(status.pid),
+            host_rss: host::rss(status.pid, status.vmm_pid),
             disk: stats.map(|s| Used {
                 used_mib: s.disk_used_kib / 1024,
                 total_mib: s.disk_total_kib / 1024,
