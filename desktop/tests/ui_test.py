@@ -90,7 +90,7 @@ def main():
             s = Session("http://127.0.0.1:4444", APP, timeout=300)
             state = s.wait("the dashboard's state", lambda: s.text("#state") in ("absent", "stopped") and s.text("#state"), 120)
             assert s.enabled("#btn-start") and not s.enabled("#btn-stop"), "Start only, while Berth is not running"
-            return f"state {state!r}, reason {s.text('#reason')!r}"
+            return f"state {state!r}, reason {s.content('#reason')!r}"
         step("dashboard-opens", open_dashboard)
 
         def tray_menu_stopped():
@@ -109,7 +109,12 @@ def main():
             s.wait("the dashboard to say running", lambda: s.text("#state") == "running", BOOT)
             st = status()
             assert st and st["state"] == "running", st
-            return f"berth status: {st['state']} ({st['reason']})"
+            # What Berth holds on the host: the host proxy, passt and the VMM, by name.
+            rss = s.wait("the host processes' memory", lambda: "berth-vmm" in (s.content("#rss-processes") or "")
+                         and s.content("#rss-processes"), 60)
+            for name in ("berth-host-proxy", "passt"):
+                assert name in rss, rss
+            return f"berth status: {st['state']} ({st['reason']})\n{rss}"
         step("start-clicked-running", start_from_window)
 
         def tray_menu_running():
@@ -196,11 +201,11 @@ def main():
             pid = status()["vmm_pid"]
             os.kill(pid, 9)
             reason = s.wait("the dashboard to say Berth restarts after a crash",
-                            lambda: s.text("#state") == "starting" and "restarting after a crash" in s.text("#reason")
-                            and s.text("#reason"), 60, every=0.2)
+                            lambda: s.text("#state") == "starting" and "restarting after a crash" in s.content("#reason")
+                            and s.content("#reason"), 60, every=0.2)
             title = s.wait("the problem box", lambda: s.displayed("#problem") and s.text("#problem-title"), 30)
             assert title == "Berth's VM crashed and is starting again", title
-            detail = s.text("#problem-detail")
+            detail = s.content("#problem-detail")
             buttons = s.texts("#problem-actions button")
             label, enabled = menu_state(tray)
             assert label.startswith("Berth is starting: restarting after a crash (the VMM was killed by signal 9)"), label

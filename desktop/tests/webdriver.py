@@ -82,6 +82,11 @@ class Session:
         el = self.find(css)
         return None if el is None else self.call("GET", f"/element/{el}/text")
 
+    def content(self, css):
+        """The element's textContent: all of its text, also what its box clips (WebDriver's text
+        is what is rendered, and an ellipsised line can read as empty)."""
+        return self.script("const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", css)
+
     def texts(self, css):
         """The text of every element matching css, in document order."""
         found = self.call("POST", "/elements", {"using": "css selector", "value": css})

@@ -25,6 +25,11 @@ def _windows():
     return found
 
 
+def _viewable(wid):
+    info = subprocess.run(["xwininfo", "-id", wid], capture_output=True, text=True, timeout=30).stdout
+    return "Map State: IsViewable" in info
+
+
 def _wait(what, predicate, timeout):
     deadline = time.monotonic() + timeout
     while True:
@@ -50,13 +55,13 @@ def menu_screenshot(tray, app_name, path, timeout=60):
             return next(((x, y, w, h) for _id, name, x, y, w, h in _windows()
                          if name == app_name and 16 <= h <= 32 and y <= 2 and x > 0), None)
         x, y, w, h = _wait("the app's icon in the XEmbed tray", icon, timeout)
-        before = {wid for wid, *_ in _windows()}
         subprocess.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", "1"], check=True, timeout=30)
 
         def menu():
-            # The menu: a new window of the app's just below the panel.
+            # The menu: a window of the app's just below the panel, mapped (GTK keeps the window
+            # of a menu shown before, unmapped).
             return next(((mx, my, mw, mh) for wid, name, mx, my, mw, mh in _windows()
-                         if wid not in before and name == app_name and my >= y + h - 2 and mh > 60), None)
+                         if name == app_name and my >= y + h - 2 and mh > 60 and _viewable(wid)), None)
         geometry = _wait("the tray menu to open", menu, timeout)
         time.sleep(1)  # drawn
         ImageGrab.grab(xdisplay=os.environ.get("DISPLAY")).save(path)
